@@ -1,0 +1,212 @@
+"""Configs are code: ml_collections files with `get_config()`, plus dotted overrides.
+
+    python -m unimm.train --config configs/demo.py --config.train.steps=300 --workdir runs/demo
+
+`defaults()` holds every field once, with its one meaning; a recipe file in
+`configs/` starts from it and changes what the recipe needs. Overrides are typed
+by the field they replace; a misspelt key fails at once, naming the nearest keys.
+"""
+
+import ast
+import difflib
+import importlib.util
+import os
+
+import ml_collections
+
+from unimm.errors import UserError
+
+# Logical axis name -> mesh axes. Model code names logical axes only; this table
+# decides the parallelism (MaxText's logical_axis_rules).
+DEFAULT_RULES = (
+    # activations
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("patch", None),
+    ("norm", None),
+    ("positions", None),
+    ("exp", "expert"),
+)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # params init, data order and per-step noise all derive from it
+
+  c.model = dict(
+      width=256,           # residual stream width
+      depth=4,             # transformer blocks
+      heads=4,             # attention heads (head_dim = width // heads)
+      mlp_dim=768,         # SwiGLU hidden width
+      patch_size=8,        # image patch side in pixels (image tokenizer "pixels")
+      image_tokenizer="pixels",
+      prediction="x0",     # "x0": network predicts the clean image, converted to velocity; "velocity"
+      rope_theta=10_000.0,
+      dtype="float32",     # compute dtype: "float32" or "bfloat16" (params stay float32)
+      attention="xla",     # attention kernel; "xla" builds the mask from ids
+  )
+  c.data = dict(
+      image_size=32,
+      seq_len=256,         # packed sequence length
+      batch_size=16,       # global batch (rows of seq_len tokens)
+      tasks=dict(t2i=0.45, caption=0.25, qa=0.1, edit=0.15, story=0.05),
+      two_object_prob=0.3,
+      cfg_dropout=0.1,     # drop the condition text of generation targets (classifier-free guidance)
+      tokenizer="byte",    # "byte" (needs no download) or a local tokenizer directory
+      num_workers=0,       # Grain worker processes (0: in-process)
+      pack_bins=8,         # first-fit packing bins
+  )
+  c.flow = dict(
+      loss_weight=1.0,     # lambda in  ce + lambda * flow
+      t_mean=0.0,          # logit-normal t: t = sigmoid(N(t_mean, t_std))
+      t_std=1.0,
+      shift=1.0,           # time shift at base_image_size; grows with sqrt(pixels / base pixels)
+      base_image_size=32,
+      t_min=0.05,          # clamp of t when converting an x0 prediction to velocity
+  )
+  c.optim = dict(
+      lr=3e-3,
+      warmup_steps=100,
+      final_lr_fraction=0.1,  # cosine decay ends at lr * this
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.05,
+      clip_norm=1.0,
+  )
+  c.train = dict(
+      steps=1000,
+      log_every=50,
+      ckpt_every=500,
+      keep_ckpts=2,
+      time_limit_s=0.0,    # >0: stop (and checkpoint) after this many seconds of training
+  )
+  c.mesh = dict(
+      data=-1,             # -1 takes the devices the other axes leave
+      fsdp=1,
+      tensor=1,
+      expert=1,
+      rules=DEFAULT_RULES,
+  )
+  c.sample = dict(
+      steps=25,            # Euler steps from t=1 to t=0
+      cfg_scale=3.0,
+      temperature=0.0,     # 0: greedy text decoding
+      top_p=0.9,
+      max_new_tokens=64,
+  )
+  c.eval = dict(
+      seed=1234,
+      n_single=54,
+      n_double=24,
+      n_caption=54,
+      n_qa=48,
+      n_edit=36,
+  )
+  return c
+
+
+def _flat_keys(cfg, prefix=""):
+  for k, v in cfg.items():
+    path = f"{prefix}{k}"
+    yield path
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _flat_keys(v, path + ".")
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """`configs/x.py` or `configs/x.py:arg`; calls the file's `get_config([arg])`."""
+  path, _, arg = path.partition(":")
+  if not os.path.exists(path):
+    raise UserError(f"config file '{path}' does not exist")
+  spec = importlib.util.spec_from_file_location("_unimm_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  if not hasattr(mod, "get_config"):
+    raise UserError(f"config file '{path}' defines no get_config()")
+  cfg = mod.get_config(arg) if arg else mod.get_config()
+  return ml_collections.ConfigDict(cfg)
+
+
+def _convert(key: str, raw: str, old):
+  if isinstance(old, bool):
+    low = raw.lower()
+    if low in ("1", "true", "yes"):
+      return True
+    if low in ("0", "false", "no"):
+      return False
+    raise UserError(f"--config.{key}={raw}: expected true or false")
+  if isinstance(old, str):
+    return raw
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    raise UserError(f"--config.{key}={raw}: not a valid {type(old).__name__}") from None
+  if isinstance(old, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):
+    return ml_collections.ConfigDict(value)
+  if old is not None and not isinstance(value, type(old)) and not (
+      isinstance(old, (tuple, list)) and isinstance(value, (tuple, list))):
+    raise UserError(f"--config.{key}={raw}: expected a {type(old).__name__}, got {type(value).__name__}")
+  return value
+
+
+def override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  """Sets dotted `key` from the string `raw`, typed by the field it replaces."""
+  keys = list(_flat_keys(cfg))
+  if key not in keys:
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    raise UserError(f"unknown config key '{key}'{hint}")
+  *parents, last = key.split(".")
+  node = cfg
+  for p in parents:
+    node = node[p]
+  node[last] = _convert(key, raw, node[last])
+
+
+def parse_args(argv, flags=("workdir",), switches=("resume",)):
+  """Parses `--config FILE[:arg] --config.a.b=V --workdir DIR --resume` style argv.
+
+  Returns (config, {flag: value}); unknown flags fail with a one-line message.
+  """
+  cfg_path, overrides, opts = None, [], {s: False for s in switches}
+  args = list(argv)
+  while args:
+    a = args.pop(0)
+    name, eq, val = a.partition("=")
+    if not name.startswith("--"):
+      raise UserError(f"unexpected argument '{a}'")
+    name = name[2:]
+    if name in switches and not eq:
+      opts[name] = True
+      continue
+    if not eq:
+      if not args:
+        raise UserError(f"--{name} needs a value")
+      val = args.pop(0)
+    if name == "config":
+      cfg_path = val
+    elif name.startswith("config."):
+      overrides.append((name[len("config."):], val))
+    elif name in flags:
+      opts[name] = val
+    else:
+      known = ["--config", "--config.KEY"] + [f"--{f}" for f in flags + tuple(switches)]
+      raise UserError(f"unknown flag '--{name}'; known: {' '.join(known)}")
+  if cfg_path is None:
+    raise UserError("--config FILE is required (e.g. --config configs/demo.py)")
+  cfg = load_file(cfg_path)
+  for key, val in overrides:
+    override(cfg, key, val)
+  return cfg, opts

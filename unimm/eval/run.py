@@ -1,0 +1,56 @@
+"""ShapesEval of a trained unified model: scores, `eval.json` and a sample grid."""
+
+import json
+import os
+
+import numpy as np
+
+from unimm.eval.shapes_eval import SCORE_KEYS, ShapesEval, save_grid
+
+
+def evaluate(sampler, cfg, workdir=None, log=print):
+  """Runs ShapesEval with the sampler; writes eval.json and samples.png into workdir."""
+  e = cfg.eval
+  bench = ShapesEval(seed=e.seed, image_size=cfg.data.image_size, n_single=e.n_single,
+                     n_double=e.n_double, n_caption=e.n_caption, n_qa=e.n_qa, n_edit=e.n_edit)
+  seed = int(e.seed)
+  scores = bench.run(
+      generate=lambda prompts: sampler.text_to_image(prompts, seed=seed),
+      caption=lambda images: sampler.image_to_text(images),
+      answer=lambda images, questions: sampler.image_to_text(images, [q + " " for q in questions]),
+      edit=lambda images, instructions: sampler.edit(images, instructions, seed=seed),
+      batch_size=64)
+  if workdir:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(scores, f, indent=1, sort_keys=True)
+    _sample_grid(sampler, bench, os.path.join(workdir, "samples.png"), seed)
+  log(format_scores(scores))
+  return scores
+
+
+def _sample_grid(sampler, bench, path, seed):
+  """Row 1-2: text to image; row 3: edits (source, result pairs); captions under the inputs."""
+  prompts = bench.single_prompts[:8] + bench.double_prompts[:8]
+  images = list(sampler.text_to_image(prompts, seed=seed))
+  labels = list(prompts)
+  src = bench.render([x["scene"] for x in bench.edits[:4]])
+  instr = [x["instruction"] for x in bench.edits[:4]]
+  edited = sampler.edit(src, instr, seed=seed)
+  for s, i, o in zip(src, instr, edited):
+    images += [s, o]
+    labels += ["edit source", i]
+  real = bench.render(bench.captioned[:8])
+  captions = sampler.image_to_text(real)
+  images += list(real)
+  labels += [f"caption: {c}" for c in captions]
+  save_grid(path, np.stack(images), ncols=8, labels=labels)
+
+
+def format_scores(scores):
+  rows = []
+  names = sorted({k for k in scores if not k.startswith(("chance/", "oracle/"))})
+  for k in names:
+    mark = " *" if k in SCORE_KEYS else ""
+    rows.append(f"  {k:24s} {scores[k]:.3f}   (chance {scores.get('chance/' + k, float('nan')):.3f})"
+                f"{mark}")
+  return "ShapesEval:\n" + "\n".join(rows)

@@ -1,0 +1,94 @@
+"""The unified transformer (Transfusion family).
+
+One decoder reads a packed sequence in which text tokens and image patches sit
+side by side (`<boi>` patches `<eoi>`). Text positions embed token ids; image
+positions embed their patch vector plus a 2-D patch-position embedding, a
+modality embedding (clean context vs noised target) and a timestep embedding.
+The same residual stream feeds two heads: next-token logits and a flow head
+that predicts, per image position, the velocity `eps - x0` or the clean patch
+`x0` (config `model.prediction`). The attention mask is built from ids (see
+`layers.attention_mask`).
+
+Inputs (all [B, L] unless noted): tokens, patches [B, L, D] (x_t at noised
+positions, x0 at clean ones), t (per token, 0 for clean images and text),
+modality, image_ids, patch_index, segment_ids, positions.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unimm.data.document import TEXT
+from unimm.models.layers import Block, MaskIds, RMSNorm, param, timestep_embedding
+from unimm.parallel.sharding import constrain
+
+T_FREQ_DIM = 256
+
+
+class UnifiedTransformer(nnx.Module):
+
+  def __init__(self, cfg, *, vocab_size, patch_dim, num_patches, rngs):
+    w = cfg.width
+    if w % cfg.heads:
+      from unimm.errors import UserError
+      raise UserError(f"model.width={w} is not a multiple of model.heads={cfg.heads}")
+    self.heads, self.width, self.depth = cfg.heads, cfg.width, cfg.depth
+    self.vocab_size, self.patch_dim = vocab_size, patch_dim
+    self.embed = param(rngs, (vocab_size, w), ("vocab", "embed"), 1.0)
+    self.patch_in = param(rngs, (patch_dim, w), ("patch", "embed"), 1.0 / math.sqrt(patch_dim))
+    self.patch_pos = param(rngs, (num_patches, w), ("positions", "embed"), 0.02)
+    self.modality_embed = param(rngs, (3, w), (None, "embed"), 0.02)
+    self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM))
+    self.t_out = param(rngs, (w, w), ("embed", None), 1.0 / math.sqrt(w))
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.final_norm = RMSNorm(w, rngs=rngs)
+    self.lm_head = param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w))
+    self.flow_head = param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True)
+
+  def embed_inputs(self, tokens, patches, t, modality, patch_index):
+    dtype = self.embed.value.dtype
+    text = jnp.take(self.embed.value, tokens, axis=0)
+    temb = timestep_embedding(t, T_FREQ_DIM).astype(dtype)
+    temb = jax.nn.silu(temb @ self.t_in.value) @ self.t_out.value
+    img = (patches.astype(dtype) @ self.patch_in.value
+           + jnp.take(self.patch_pos.value, patch_index, axis=0)
+           + jnp.take(self.modality_embed.value, modality, axis=0) + temb)
+    x = jnp.where((modality == TEXT)[..., None], text, img)
+    return constrain(x, ("batch", "length", "act_embed"))
+
+  def __call__(self, tokens, patches, t, modality, image_ids, patch_index, segment_ids,
+               positions, cache=None, cache_index=None):
+    """Returns (logits [B, L, V] f32, flow [B, L, D] f32, new cache or None)."""
+    ids = MaskIds(segment_ids, modality, image_ids, positions)
+    x = self.embed_inputs(tokens, patches, t, modality, patch_index)
+    new_cache = [] if cache is not None else None
+    for i, block in enumerate(self.blocks):
+      x, c = block(x, ids, None if cache is None else cache[i], cache_index)
+      if cache is not None:
+        new_cache.append(c)
+    x = self.final_norm(x)
+    logits = constrain((x @ self.lm_head.value).astype(jnp.float32), ("batch", "length", "act_vocab"))
+    flow = (x @ self.flow_head.value).astype(jnp.float32)
+    return logits, flow, new_cache
+
+  def init_cache(self, batch, length, dtype=jnp.float32):
+    """Empty KV cache: per block k/v [B, C, H, Dh] and the mask ids of each slot."""
+    shape = (batch, length, self.heads, self.width // self.heads)
+    ids = lambda: MaskIds(*(jnp.zeros((batch, length), jnp.int32) for _ in MaskIds._fields))
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "ids": ids()}
+            for _ in range(self.depth)]
+
+
+def build_model(cfg, *, vocab_size, seed=None):
+  """The unified model for a full config (model + data fields)."""
+  from unimm.models.image_tokenizer import PixelPatches
+  from unimm.errors import UserError
+  if cfg.model.image_tokenizer != "pixels":
+    raise UserError(f"model.image_tokenizer='{cfg.model.image_tokenizer}' is not available yet; use 'pixels'")
+  patcher = PixelPatches(cfg.data.image_size, cfg.model.patch_size)
+  model = UnifiedTransformer(
+      cfg.model, vocab_size=vocab_size, patch_dim=patcher.patch_dim,
+      num_patches=patcher.num_patches, rngs=nnx.Rngs(cfg.seed if seed is None else seed))
+  return model, patcher

@@ -1,0 +1,63 @@
+"""Rectified flow, in unimm's one convention.
+
+t = 1 is noise: x_t = (1 - t) x0 + t eps, velocity target v = eps - x0, and the
+Euler sampler runs t from 1 to 0 with x <- x + (t_next - t) v.
+Training t is logit-normal, shifted toward noise for larger images:
+t' = a t / (1 + (a - 1) t) with a = shift * sqrt(pixels / base pixels).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from unimm.data.document import NOISED_IMAGE
+
+
+def resolution_shift(flow_cfg, image_size):
+  return flow_cfg.shift * (image_size / flow_cfg.base_image_size)
+
+
+def shift_time(t, alpha):
+  return alpha * t / (1.0 + (alpha - 1.0) * t)
+
+
+def sample_time(rng, shape, flow_cfg, image_size):
+  u = flow_cfg.t_mean + flow_cfg.t_std * jax.random.normal(rng, shape)
+  return shift_time(jax.nn.sigmoid(u), resolution_shift(flow_cfg, image_size))
+
+
+def per_image_time(rng, segment_ids, image_ids, modality, flow_cfg, image_size):
+  """One t per noised image instance, broadcast over its tokens; 0 elsewhere.
+
+  Each token draws a t; every token of an image takes the draw of the image's
+  first token (a running max over image start positions finds it).
+  """
+  B, L = segment_ids.shape
+  t_tok = sample_time(rng, (B, L), flow_cfg, image_size)
+  prev_seg = jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
+  prev_img = jnp.pad(image_ids, ((0, 0), (1, 0)))[:, :-1]
+  noised = modality == NOISED_IMAGE
+  start = noised & ((segment_ids != prev_seg) | (image_ids != prev_img))
+  first = jax.lax.cummax(jnp.where(start, jnp.arange(L)[None, :], 0), axis=1)
+  t = jnp.take_along_axis(t_tok, first, axis=1)
+  return jnp.where(noised, t, 0.0)
+
+
+def add_noise(x0, eps, t):
+  """x_t = (1 - t) x0 + t eps; t broadcasts over the patch dimension."""
+  t = t[..., None]
+  return (1.0 - t) * x0 + t * eps
+
+
+def velocity(pred, x_t, t, prediction, t_min):
+  """The network's output as a velocity: as is, or from an x0 prediction,
+  v = (x_t - x0_hat) / t with t clamped below at t_min."""
+  if prediction == "velocity":
+    return pred
+  if prediction == "x0":
+    return (x_t - pred) / jnp.maximum(t, t_min)[..., None]
+  raise ValueError(f"model.prediction must be 'velocity' or 'x0', got {prediction!r}")
+
+
+def euler_schedule(steps, alpha):
+  """t from 1 to 0 in `steps` Euler steps, shifted like training."""
+  return shift_time(jnp.linspace(1.0, 0.0, steps + 1), alpha)

@@ -1,0 +1,38 @@
+"""python -m unimm.train --config configs/demo.py [--config.KEY=VALUE ...] --workdir DIR [--resume]
+
+Trains (continuing from the workdir's latest checkpoint, if any), then runs
+ShapesEval: prints the scores and writes eval.json and samples.png.
+"""
+
+import sys
+
+from unimm.errors import UserError
+
+
+def main(argv):
+  from unimm.config import parse_args
+  cfg, opts = parse_args(argv, flags=("workdir",), switches=("resume", "no_eval"))
+  if not opts.get("workdir"):
+    raise UserError("--workdir DIR is required")
+  from unimm.train.loop import Run
+  from unimm.sample import sampler_from_run
+  from unimm.eval.run import evaluate
+  import os
+  os.makedirs(opts["workdir"], exist_ok=True)
+  with open(os.path.join(opts["workdir"], "config.json"), "w") as f:
+    f.write(cfg.to_json(indent=1))
+  run = Run(cfg, opts["workdir"])
+  state = run.restore_or_init(require=opts["resume"])
+  print(f"step {int(state['step'])} of {cfg.train.steps}; devices {run.mesh.shape}; "
+        f"workdir {run.workdir}", flush=True)
+  state = run.train(state)
+  if not opts["no_eval"]:
+    evaluate(sampler_from_run(run, state), cfg, run.workdir)
+
+
+if __name__ == "__main__":
+  try:
+    main(sys.argv[1:])
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,110 @@
+"""The training loop: data -> jitted step -> logs and checkpoints.
+
+A workdir holds everything a run writes: `checkpoints/` (Orbax; params,
+optimizer state, step and the Grain iterator state), `tb/` (TensorBoard event
+files), `metrics.jsonl`, and after evaluation `eval.json` and `samples.png`.
+Starting again in the same workdir continues from its latest checkpoint.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from unimm.data.pipeline import make_iterator, validate_batch
+from unimm.data.tokenizer import load_tokenizer
+from unimm.errors import UserError
+from unimm.models.image_tokenizer import PixelPatches
+from unimm.parallel.sharding import make_mesh
+from unimm.train.checkpoint import Checkpointer
+from unimm.train.step import Trainer
+
+
+def check_batch_fits_mesh(cfg, mesh):
+  n = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+  if cfg.data.batch_size % n:
+    raise UserError(
+        f"data.batch_size={cfg.data.batch_size} does not divide over the {n} batch shards of the "
+        f"mesh (data x fsdp x expert = {mesh.shape['data']} x {mesh.shape['fsdp']} x "
+        f"{mesh.shape['expert']}): use a multiple of {n}")
+
+
+class Run:
+  """A training run in a workdir: mesh, tokenizer, trainer, data and checkpoints."""
+
+  def __init__(self, cfg, workdir, devices=None):
+    self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+    self.mesh = make_mesh(cfg.mesh, devices)
+    check_batch_fits_mesh(cfg, self.mesh)
+    self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+    self.patcher = PixelPatches(cfg.data.image_size, cfg.model.patch_size)
+    self.trainer = Trainer(cfg, self.mesh, self.tokenizer.model_vocab_size())
+    self.data = make_iterator(cfg, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), cfg.train.keep_ckpts)
+    self.rng = jax.random.key(cfg.seed)
+
+  def restore_or_init(self, require=False):
+    step = self.ckpt.latest_step()
+    if step is None:
+      if require:
+        raise UserError(f"--resume: no checkpoint in {self.workdir}/checkpoints")
+      return self.trainer.init()
+    return self.ckpt.restore(step, self.trainer.abstract_state, self.data)
+
+  def next_batch(self):
+    batch = next(self.data)
+    validate_batch(batch, seq_len=self.cfg.data.seq_len, patch_dim=self.patcher.patch_dim,
+                   batch_size=self.cfg.data.batch_size // jax.process_count())
+    return self.trainer.device_batch(batch)
+
+  def train(self, state, steps=None, log=print):
+    """Runs until `steps` (default train.steps) or train.time_limit_s; checkpoints; returns state."""
+    cfg = self.cfg.train
+    steps = cfg.steps if steps is None else steps
+    start = int(state["step"])
+    if start >= steps:
+      return state
+    writer = _summary_writer(os.path.join(self.workdir, "tb"))
+    metrics_file = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+    t0 = time.time()
+    step = start
+    bar = tqdm(total=steps, initial=start, desc="train", disable=jax.process_index() != 0,
+               mininterval=5.0)
+    try:
+      while step < steps:
+        state, metrics = self.trainer.step(state, self.next_batch(), self.rng)
+        step += 1
+        bar.update(1)
+        out_of_time = cfg.time_limit_s > 0 and time.time() - t0 > cfg.time_limit_s
+        if step % cfg.log_every == 0 or step == steps or out_of_time:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          m.update(step=step, steps_per_s=(step - start) / (time.time() - t0))
+          bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}", flow=f"{m['flow']:.3f}")
+          metrics_file.write(json.dumps(m) + "\n")
+          metrics_file.flush()
+          if writer is not None:
+            for k, v in m.items():
+              writer.add_scalar(f"train/{k}", v, step)
+        if step % cfg.ckpt_every == 0 or step == steps or out_of_time:
+          self.ckpt.save(step, state, self.data, force=True)
+        if out_of_time:
+          log(f"stopping at step {step}: train.time_limit_s={cfg.time_limit_s:g} reached")
+          break
+    finally:
+      bar.close()
+      metrics_file.close()
+      if writer is not None:
+        writer.close()
+      self.ckpt.wait()
+    return state
+
+
+def _summary_writer(path):
+  if jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(path)

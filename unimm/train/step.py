@@ -1,0 +1,99 @@
+"""Train state, its shardings, and the one jit-compiled train step.
+
+The model is split once (`nnx.split`) into a static graphdef and a State of
+float32 parameters. The step is a pure function of (state, batch, rng): it
+casts the parameters to the compute dtype, merges them into a model, computes
+the mixed loss and its gradients, and applies AdamW. It is jitted with explicit
+in/out shardings from the logical-axis rules, and the state is donated.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from unimm.models.unified import build_model
+from unimm.objectives.losses import unified_loss
+from unimm.parallel import sharding as shd
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "patches", "modality", "image_ids",
+              "patch_index", "segment_ids", "positions")
+
+
+def make_optimizer(optim, steps):
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.lr, warmup_steps=min(optim.warmup_steps, max(steps - 1, 1)),
+      decay_steps=max(steps, optim.warmup_steps + 1), end_value=optim.lr * optim.final_lr_fraction)
+  tx = optax.chain(
+      optax.clip_by_global_norm(optim.clip_norm),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
+                  mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params)))
+  return tx, schedule
+
+
+class Trainer:
+  """Everything the step needs, built once from the config and the mesh."""
+
+  def __init__(self, cfg, mesh, vocab_size):
+    from unimm.errors import UserError
+    if cfg.model.dtype not in DTYPES:
+      raise UserError(f"model.dtype='{cfg.model.dtype}': use one of {', '.join(DTYPES)}")
+    self.cfg, self.mesh, self.rules = cfg, mesh, tuple(tuple(r) for r in cfg.mesh.rules)
+    self.vocab_size = vocab_size
+    self.dtype = DTYPES[cfg.model.dtype]
+    abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size=vocab_size)[0])
+    self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    self.param_shardings = shd.state_shardings(abstract_params, mesh, self.rules)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    rep = shd.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings, "step": rep}
+    self.batch_shardings = {k: shd.batch_sharding(mesh, self.rules, 3 if k == "patches" else 2)
+                            for k in BATCH_KEYS}
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        {"params": abstract_params, "opt_state": abstract_opt,
+         "step": jax.ShapeDtypeStruct((), jnp.int32)},
+        self.state_shardings)
+    self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+    self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_shardings, rep),
+                        out_shardings=(self.state_shardings, rep), donate_argnums=0)
+    self.loss_and_grads = jax.jit(
+        self._loss_and_grads, in_shardings=(self.param_shardings, self.batch_shardings, rep),
+        out_shardings=(rep, self.param_shardings))
+
+  def _init(self):
+    model, _ = build_model(self.cfg, vocab_size=self.vocab_size)
+    params = nnx.state(model, nnx.Param)
+    return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  def model(self, params):
+    """A model from float32 parameters, computing in the configured dtype."""
+    return nnx.merge(self.graphdef, jax.tree.map(lambda p: p.astype(self.dtype), params))
+
+  def _loss(self, params, batch, rng):
+    with shd.use_mesh_rules(self.mesh, self.rules):
+      return unified_loss(self.model(params), batch, rng, self.cfg)
+
+  def _loss_and_grads(self, params, batch, rng):
+    (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, rng)
+    return loss, grads
+
+  def _step(self, state, batch, rng):
+    params, step = state["params"], state["step"]
+    step_rng = jax.random.fold_in(rng, step)
+    (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, step_rng)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(step))
+    return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
+
+  def device_batch(self, batch):
+    """Host numpy batch (this process's rows) -> global jax arrays on the mesh."""
+    return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], batch[k])
+            for k in BATCH_KEYS}
