@@ -64,6 +64,10 @@ def logical_to_spec(axes, rules) -> P:
       out.append(None)
       continue
     target = (target,) if isinstance(target, str) else tuple(target)
+    unknown = [a for a in target if a not in MESH_AXES]
+    if unknown:
+      raise UserError(f"mesh.rules maps '{name}' to unknown mesh axis '{unknown[0]}'; "
+                      f"mesh axes are {', '.join(MESH_AXES)}")
     target = tuple(a for a in target if a not in used)
     used.update(target)
     out.append(target if len(target) > 1 else (target[0] if target else None))

@@ -14,6 +14,14 @@ def main(argv):
   cfg, opts = parse_args(argv, flags=("workdir",), switches=("resume", "no_eval"))
   if not opts.get("workdir"):
     raise UserError("--workdir DIR is required")
+  import os
+  if os.environ.get("UNIMM_DISTRIBUTED") == "1":  # set by launch/ scripts on multi-host runs
+    import jax
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # GPU hosts: launch/gpu.sh
+      jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                                 int(os.environ["NNODES"]), int(os.environ["NODE_RANK"]))
+    else:  # TPU pods and SLURM: auto-detected
+      jax.distributed.initialize()
   from unimm.train.loop import Run
   from unimm.sample import sampler_from_run
   from unimm.eval.run import evaluate

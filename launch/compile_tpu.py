@@ -1,0 +1,39 @@
+"""Compile the train step ahead of time for a TPU topology on this (CPU) host.
+
+    pip install libtpu
+    python launch/compile_tpu.py --config configs/demo.py --topology v5p-16 [--config.KEY=V ...]
+
+Uses jax.experimental.topologies to make abstract TPU devices, builds the mesh
+from the config over them, lowers and compiles the jitted step, and prints its
+memory use: pod-size programs are checked without a pod (MaxText's
+train_compile).
+"""
+
+import sys
+
+import jax
+
+
+def main(argv):
+  from unimm.config import parse_args
+  cfg, opts = parse_args(argv, flags=("topology",))
+  from jax.experimental import topologies
+  from unimm.data.tokenizer import load_tokenizer
+  from unimm.parallel.sharding import make_mesh
+  from unimm.train.step import Trainer
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=opts.get("topology") or "v5p-8")
+  mesh = make_mesh(cfg.mesh, topo.devices)
+  trainer = Trainer(cfg, mesh, load_tokenizer(cfg.data.tokenizer).model_vocab_size())
+  B, L = cfg.data.batch_size, cfg.data.seq_len
+  patch_dim = cfg.model.patch_size ** 2 * 3
+  batch = {k: jax.ShapeDtypeStruct((B, L, patch_dim) if k == "patches" else (B, L),
+                                   "float32" if k in ("patches", "loss_mask") else "int32",
+                                   sharding=trainer.batch_shardings[k])
+           for k in trainer.batch_shardings}
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  compiled = trainer.step.lower(trainer.abstract_state, batch, rng).compile()
+  print(compiled.memory_analysis())
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

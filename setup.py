@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="unimm",
+    version="0.1.0",
+    description="JAX/TPU-native training of unified multimodal understanding + generation models",
+    packages=find_packages(include=["unimm", "unimm.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "ml-collections>=1.1.0",
+        "transformers>=5.0",
+        "numpy",
+        "scipy",
+        "pillow",
+        "tensorboardX",
+        "tqdm",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "gpu": ["jax[cuda13]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+    },
+)
