@@ -1,6 +1,11 @@
-"""The demo: a small unified model trained on the built-in Shapes world on CPU.
+"""The demo: a 1M-parameter unified model trained on the built-in Shapes world on CPU.
 
     python -m unimm.train --config configs/demo.py --workdir runs/demo
+
+About 1800 steps of 8 x 256 packed tokens: 9 minutes on a 2-core CPU, then ShapesEval.
+Choices measured on that machine (see README): the network predicts the clean image
+(converted to velocity), the flow loss weighs 3x the text loss, and generation
+tasks get most of the data.
 """
 
 from unimm.config import defaults
@@ -8,6 +13,11 @@ from unimm.config import defaults
 
 def get_config():
   c = defaults()
-  c.train.steps = 3000
-  c.train.time_limit_s = 600.0
+  c.model.update(width=128, depth=4, heads=4, mlp_dim=384, patch_size=8, prediction="x0")
+  c.data.update(image_size=32, seq_len=256, batch_size=8)
+  c.data.tasks.update(t2i=0.55, caption=0.2, qa=0.1, edit=0.1, story=0.05)
+  c.flow.loss_weight = 3.0
+  c.optim.update(lr=3e-3, warmup_steps=100)
+  c.train.update(steps=1800, log_every=100, ckpt_every=600, time_limit_s=660.0)
+  c.sample.cfg_scale = 5.0
   return c

@@ -8,3 +8,13 @@ traceback from deep inside JAX.
 
 class UserError(ValueError):
   """Bad configuration or input, with a message that says what to change."""
+
+
+def cli(main):
+  """Runs `main(sys.argv[1:])` as an entry point: a UserError becomes one line on stderr, exit 2."""
+  import sys
+  try:
+    main(sys.argv[1:])
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from unimm.errors import UserError
+from unimm.errors import UserError, cli
 
 
 def sampler_from_run(run, state):
@@ -106,8 +106,4 @@ def _save(img, path):
 
 
 if __name__ == "__main__":
-  try:
-    main(sys.argv[1:])
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli(main)

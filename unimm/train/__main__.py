@@ -6,7 +6,7 @@ ShapesEval: prints the scores and writes eval.json and samples.png.
 
 import sys
 
-from unimm.errors import UserError
+from unimm.errors import UserError, cli
 
 
 def main(argv):
@@ -39,8 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  try:
-    main(sys.argv[1:])
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli(main)

@@ -1,0 +1,55 @@
+"""The entry points end to end on a tiny config: train, evaluate, sample, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from unimm.eval.shapes_eval import SCORE_KEYS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.width=32", "--config.model.depth=1", "--config.model.heads=2",
+        "--config.model.mlp_dim=64", "--config.data.image_size=16", "--config.data.batch_size=2",
+        "--config.sample.steps=2", "--config.sample.max_new_tokens=6", "--config.eval.n_single=2",
+        "--config.eval.n_double=1", "--config.eval.n_caption=2", "--config.eval.n_qa=1",
+        "--config.eval.n_edit=1", "--config.mesh.data=1"]
+
+
+def _run(*args):
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
+                     cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r
+
+
+@pytest.mark.slow
+def test_train_eval_sample_resume(tmp_path):
+  work = str(tmp_path / "run")
+  r = _run("unimm.train", "--config", "configs/demo.py", "--workdir", work,
+           "--config.train.steps=3", *TINY)
+  assert "ShapesEval" in r.stdout
+  scores = json.load(open(os.path.join(work, "eval.json")))
+  for k in SCORE_KEYS:
+    assert 0.0 <= scores[k] <= 1.0 and f"chance/{k}" in scores
+  assert os.path.getsize(os.path.join(work, "samples.png")) > 0
+  metrics = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  assert metrics[-1]["step"] == 3
+  assert os.listdir(os.path.join(work, "tb"))
+
+  out = str(tmp_path / "gen.png")
+  _run("unimm.sample", "--workdir", work, "--mode", "t2i", "--prompt", "a red circle at the top left",
+       "--out", out)
+  from PIL import Image
+  assert Image.open(out).size == (16, 16)
+  r = _run("unimm.sample", "--workdir", work, "--mode", "caption", "--image", out)
+  assert isinstance(r.stdout, str)
+
+  # the same workdir continues: 3 more steps, from step 3
+  r = _run("unimm.train", "--config", "configs/demo.py", "--workdir", work, "--resume",
+           "--config.train.steps=6", "--no_eval", *TINY)
+  assert "step 3 of 6" in r.stdout
+  metrics = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  assert metrics[-1]["step"] == 6
