@@ -175,12 +175,14 @@ def override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
   node[last] = _convert(key, raw, node[last])
 
 
-def parse_args(argv, flags=("workdir",), switches=("resume",)):
-  """Parses `--config FILE[:arg] --config.a.b=V --workdir DIR --resume` style argv.
+def parse_args(argv, flags=("workdir",), switches=("resume",), default_config=None):
+  """Parses `--config FILE[:arg] --config.a.b=V --FLAG VALUE --SWITCH` style argv.
 
   Returns (config, {flag: value}); unknown flags fail with a one-line message.
+  Without --config, `default_config(opts)` supplies the config (if given).
   """
-  cfg_path, overrides, opts = None, [], {s: False for s in switches}
+  cfg_path, overrides = None, []
+  opts = {f: None for f in flags} | {s: False for s in switches}
   args = list(argv)
   while args:
     a = args.pop(0)
@@ -202,11 +204,14 @@ def parse_args(argv, flags=("workdir",), switches=("resume",)):
     elif name in flags:
       opts[name] = val
     else:
-      known = ["--config", "--config.KEY"] + [f"--{f}" for f in flags + tuple(switches)]
+      known = ["--config", "--config.KEY"] + [f"--{f}" for f in tuple(flags) + tuple(switches)]
       raise UserError(f"unknown flag '--{name}'; known: {' '.join(known)}")
-  if cfg_path is None:
+  if cfg_path is not None:
+    cfg = load_file(cfg_path)
+  elif default_config is not None:
+    cfg = default_config(opts)
+  else:
     raise UserError("--config FILE is required (e.g. --config configs/demo.py)")
-  cfg = load_file(cfg_path)
   for key, val in overrides:
     override(cfg, key, val)
   return cfg, opts

@@ -12,7 +12,6 @@ used unless --config is given):
 
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -36,67 +35,45 @@ def _load_image(path, size):
   return np.asarray(img)
 
 
-def main(argv):
+def _workdir_config(opts):
   import ml_collections
-  from unimm.config import override, parse_args
-  argv = list(argv)
-  opts = {"mode": "eval", "prompt": "", "image": None, "out": None, "seed": "0"}
-  rest = []
-  while argv:
-    a = argv.pop(0)
-    name, eq, val = a.partition("=")
-    if name.lstrip("-") in opts and name.startswith("--"):
-      opts[name.lstrip("-")] = val if eq else argv.pop(0)
-    else:
-      rest.append(a)
-  workdir = None
-  if "--workdir" in rest:
-    i = rest.index("--workdir")
-    workdir = rest[i + 1]
-    del rest[i:i + 2]
-  workdir = workdir or next((r.split("=", 1)[1] for r in rest if r.startswith("--workdir=")), None)
-  rest = [r for r in rest if not r.startswith("--workdir=")]
-  if not workdir:
+  if not opts.get("workdir"):
     raise UserError("--workdir DIR (a training workdir) is required")
-  if not any(r.startswith("--config") and not r.startswith("--config.") for r in rest):
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-      raise UserError(f"{path} not found: pass --config FILE")
-    cfg = ml_collections.ConfigDict(json.load(open(path)))
-    for r in rest:
-      if not r.startswith("--config."):
-        raise UserError(f"unknown argument '{r}'")
-      k, _, v = r[len("--config."):].partition("=")
-      override(cfg, k, v)
-  else:
-    cfg, _ = parse_args(rest + ["--workdir", workdir])
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert = -1, 1, 1, 1
-  from unimm.train.loop import Run
+  path = os.path.join(opts["workdir"], "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{path} not found: pass --config FILE")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def main(argv):
+  from unimm.config import parse_args
+  cfg, opts = parse_args(argv, flags=("workdir", "mode", "prompt", "image", "out", "seed"),
+                         switches=(), default_config=_workdir_config)
+  if not opts["workdir"]:
+    raise UserError("--workdir DIR (a training workdir) is required")
+  mode, prompt, seed = opts["mode"] or "eval", opts["prompt"] or "", int(opts["seed"] or 0)
+  if mode not in ("t2i", "caption", "answer", "edit", "eval"):
+    raise UserError(f"--mode {mode}: use t2i, caption, answer, edit or eval")
+  if mode in ("caption", "answer", "edit") and not opts["image"]:
+    raise UserError(f"--mode {mode} needs --image PATH")
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)  # sampling runs on one device
   import jax
-  run = Run(cfg, workdir, devices=jax.devices()[:1])
-  run.cfg.data.batch_size = 1
-  state = run.restore_or_init(require=True)
-  sampler = sampler_from_run(run, state)
-  mode, seed = opts["mode"], int(opts["seed"])
+  from unimm.train.loop import Run
+  run = Run(cfg, opts["workdir"], devices=jax.devices()[:1])
+  sampler = sampler_from_run(run, run.restore_or_init(require=True))
   size = cfg.data.image_size
   if mode == "eval":
     from unimm.eval.run import evaluate
-    evaluate(sampler, cfg, workdir)
+    evaluate(sampler, cfg, opts["workdir"])
   elif mode == "t2i":
-    img = sampler.text_to_image([opts["prompt"]], seed=seed)[0]
-    _save(img, opts["out"] or "sample.png")
-  elif mode in ("caption", "answer"):
-    if not opts["image"]:
-      raise UserError(f"--mode {mode} needs --image PATH")
-    prompt = [opts["prompt"] + " "] if mode == "answer" else None
-    print(sampler.image_to_text([_load_image(opts["image"], size)], prompt, seed=seed)[0])
+    _save(sampler.text_to_image([prompt], seed=seed)[0], opts["out"] or "sample.png")
   elif mode == "edit":
-    if not opts["image"]:
-      raise UserError("--mode edit needs --image PATH")
-    img = sampler.edit([_load_image(opts["image"], size)], [opts["prompt"]], seed=seed)[0]
-    _save(img, opts["out"] or "edited.png")
+    image = _load_image(opts["image"], size)
+    _save(sampler.edit([image], [prompt], seed=seed)[0], opts["out"] or "edited.png")
   else:
-    raise UserError(f"--mode {mode}: use t2i, caption, answer, edit or eval")
+    question = [prompt + " "] if mode == "answer" else None
+    print(sampler.image_to_text([_load_image(opts["image"], size)], question, seed=seed)[0])
 
 
 def _save(img, path):

@@ -1,37 +1,41 @@
-"""python -m unimm.train --config configs/demo.py [--config.KEY=VALUE ...] --workdir DIR [--resume]
+"""python -m unimm.train --config configs/demo.py [--config.KEY=VALUE ...] --workdir DIR [--resume] [--no_eval]
 
 Trains (continuing from the workdir's latest checkpoint, if any), then runs
 ShapesEval: prints the scores and writes eval.json and samples.png.
 """
 
-import sys
+import os
 
 from unimm.errors import UserError, cli
+
+
+def init_distributed():
+  """Multi-host runs (UNIMM_DISTRIBUTED=1, set by the launch/ scripts) join one JAX job."""
+  if os.environ.get("UNIMM_DISTRIBUTED") != "1":
+    return
+  import jax
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # GPU hosts: launch/gpu.sh
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                               int(os.environ["NNODES"]), int(os.environ["NODE_RANK"]))
+  else:  # TPU pods and SLURM: auto-detected
+    jax.distributed.initialize()
 
 
 def main(argv):
   from unimm.config import parse_args
   cfg, opts = parse_args(argv, flags=("workdir",), switches=("resume", "no_eval"))
-  if not opts.get("workdir"):
+  if not opts["workdir"]:
     raise UserError("--workdir DIR is required")
-  import os
-  if os.environ.get("UNIMM_DISTRIBUTED") == "1":  # set by launch/ scripts on multi-host runs
-    import jax
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # GPU hosts: launch/gpu.sh
-      jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
-                                 int(os.environ["NNODES"]), int(os.environ["NODE_RANK"]))
-    else:  # TPU pods and SLURM: auto-detected
-      jax.distributed.initialize()
-  from unimm.train.loop import Run
-  from unimm.sample import sampler_from_run
+  init_distributed()
   from unimm.eval.run import evaluate
-  import os
+  from unimm.sample import sampler_from_run
+  from unimm.train.loop import Run
   os.makedirs(opts["workdir"], exist_ok=True)
   with open(os.path.join(opts["workdir"], "config.json"), "w") as f:
     f.write(cfg.to_json(indent=1))
   run = Run(cfg, opts["workdir"])
   state = run.restore_or_init(require=opts["resume"])
-  print(f"step {int(state['step'])} of {cfg.train.steps}; devices {run.mesh.shape}; "
+  print(f"step {int(state['step'])} of {cfg.train.steps}; mesh {dict(run.mesh.shape)}; "
         f"workdir {run.workdir}", flush=True)
   state = run.train(state)
   if not opts["no_eval"]:
