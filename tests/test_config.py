@@ -63,3 +63,14 @@ def test_cli_errors_are_one_line(tmp_path, args, says):
   lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and says in lines[0], r.stderr[-2000:]
   assert "Traceback" not in r.stderr
+
+
+def test_saved_config_gains_new_fields_with_defaults():
+  from unimm.config import from_saved
+  saved = defaults().to_dict()
+  del saved["model"]["image_rope_2d"]  # a field added after the run was saved
+  saved["model"]["width"] = 64
+  saved["data"]["tasks"] = {"t2i": 1.0}
+  cfg = from_saved(saved)
+  assert cfg.model.width == 64 and cfg.model.image_rope_2d is False
+  assert dict(cfg.data.tasks) == {"t2i": 1.0}

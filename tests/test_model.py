@@ -59,8 +59,9 @@ def _inputs(patcher, rng):
               patch_index=pidx, segment_ids=a(SEG), positions=a(POS))
 
 
-def test_no_leak_from_noised_images_or_other_samples():
-  cfg = tiny_config()
+@pytest.mark.parametrize("rope_2d", [False, True])
+def test_no_leak_from_noised_images_or_other_samples(rope_2d):
+  cfg = tiny_config(**{"model.image_rope_2d": rope_2d})
   model, patcher = _model(cfg)
   rng = np.random.default_rng(0)
   x = _inputs(patcher, rng)
@@ -77,8 +78,9 @@ def test_no_leak_from_noised_images_or_other_samples():
   assert not np.allclose(logits[0, 11], logits3[0, 11])
 
 
-def test_kv_cache_decoding_matches_full_forward():
-  cfg = tiny_config()
+@pytest.mark.parametrize("rope_2d", [False, True])
+def test_kv_cache_decoding_matches_full_forward(rope_2d):
+  cfg = tiny_config(**{"model.image_rope_2d": rope_2d})
   model, patcher = _model(cfg, seed=1)
   rng = np.random.default_rng(1)
   x = _inputs(patcher, rng)
@@ -95,6 +97,25 @@ def test_kv_cache_decoding_matches_full_forward():
     step = {k: v[:, i:i + 1] for k, v in x.items()}
     logits, _, cache = model(**step, cache=cache, cache_index=i)
     np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=1e-4, atol=1e-5)
+
+
+def test_image_rope_2d_rotates_patches_by_row_and_col():
+  from unimm.models.layers import rope, rope_sections
+  assert rope_sections(16, 1) == (16,) and rope_sections(16, 3) == (8, 4, 4)
+  cfg = tiny_config(**{"model.image_rope_2d": True})
+  model, _ = _model(cfg)
+  pos = jnp.asarray([[0, 1, 2, 3, 4, 5, 6]])
+  mod = jnp.asarray([[T, T, C, C, C, C, T]])
+  pidx = jnp.asarray([[0, 0, 0, 1, 2, 3, 0]])
+  rp = np.asarray(model.rope_positions(pos, mod, pidx))[0]
+  np.testing.assert_array_equal(rp[:, 0], np.arange(7))
+  np.testing.assert_array_equal(rp[:, 1], [0, 0, 0, 0, 1, 1, 0])  # grid 2x2 (image 16, patch 8)
+  np.testing.assert_array_equal(rp[:, 2], [0, 0, 0, 1, 0, 1, 0])
+  # the first section rotates by the sequence position alone; rotations preserve norms
+  x = jax.random.normal(jax.random.key(0), (1, 7, 2, 16))
+  y = rope(x, jnp.asarray(rp)[None], 10_000.0)
+  np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(y[..., :8], rope(x[..., :8], pos, 10_000.0), rtol=1e-6)
 
 
 def test_per_image_time_is_shared_within_each_image():

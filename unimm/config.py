@@ -52,6 +52,7 @@ def defaults() -> ml_collections.ConfigDict:
       image_tokenizer="pixels",
       prediction="x0",     # "x0": network predicts the clean image, converted to velocity; "velocity"
       rope_theta=10_000.0,
+      image_rope_2d=False, # image patches also rotate by (row, col) in half of each head's dims
       dtype="float32",     # compute dtype: "float32" or "bfloat16" (params stay float32)
       attention="xla",     # attention kernel; "xla" builds the mask from ids
   )
@@ -113,6 +114,22 @@ def defaults() -> ml_collections.ConfigDict:
       n_edit=36,
   )
   return c
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved by an earlier run (workdir/config.json) laid over today's defaults,
+  so that fields added since then take their default values."""
+  cfg = defaults()
+
+  def lay(node, values):
+    for k, v in values.items():
+      if isinstance(v, dict) and isinstance(node.get(k), ml_collections.ConfigDict) and k != "tasks":
+        lay(node[k], v)
+      else:
+        node[k] = v
+
+  lay(cfg, saved)
+  return cfg
 
 
 def _flat_keys(cfg, prefix=""):

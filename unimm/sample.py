@@ -36,14 +36,14 @@ def _load_image(path, size):
 
 
 def _workdir_config(opts):
-  import ml_collections
+  from unimm.config import from_saved
   if not opts.get("workdir"):
     raise UserError("--workdir DIR (a training workdir) is required")
   path = os.path.join(opts["workdir"], "config.json")
   if not os.path.exists(path):
     raise UserError(f"{path} not found: pass --config FILE")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return from_saved(json.load(f))
 
 
 def main(argv):

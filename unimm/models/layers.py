@@ -39,15 +39,34 @@ class RMSNorm(nnx.Module):
     return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
 
 
+def rope_sections(head_dim, axes):
+  """How many of a head's dims each position axis rotates: all for one axis;
+  for (sequence, row, col) half for the sequence and a quarter for each image axis."""
+  if axes == 1:
+    return (head_dim,)
+  quarter = (head_dim // 4) // 2 * 2
+  return (head_dim - 2 * quarter, quarter, quarter)
+
+
 def rope(x, positions, theta):
-  """Rotary embedding, rotate-half pairing. x: [B, L, H, D], positions: [B, L]."""
-  d = x.shape[-1]
-  freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  angles = positions[..., None].astype(jnp.float32) * freqs  # [B, L, D/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  """Rotary embedding, rotate-half pairing, per section of the head dims.
+
+  x: [B, L, H, D]; positions: [B, L] (1-D) or [B, L, A] (one column per axis,
+  each rotating its own section of D, see `rope_sections`).
+  """
+  if positions.ndim == 2:
+    positions = positions[..., None]
+  out = []
+  start = 0
+  for axis, size in enumerate(rope_sections(x.shape[-1], positions.shape[-1])):
+    part = x[..., start:start + size].astype(jnp.float32)
+    start += size
+    freqs = theta ** (-jnp.arange(0, size, 2, dtype=jnp.float32) / size)
+    angles = positions[..., axis, None].astype(jnp.float32) * freqs  # [B, L, size/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(part, 2, axis=-1)
+    out += [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+  return jnp.concatenate(out, axis=-1).astype(x.dtype)
 
 
 class MaskIds(NamedTuple):
@@ -100,13 +119,13 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(self.head_dim, rngs=rngs)
     self.rope_theta, self.impl = rope_theta, impl
 
-  def __call__(self, x, ids: MaskIds, cache=None, cache_index=None):
+  def __call__(self, x, ids: MaskIds, rope_pos, cache=None, cache_index=None):
     act = ("batch", "length", "act_heads", None)
     q = constrain(jnp.einsum("bld,dhk->blhk", x, self.wq.value), act)
     k = constrain(jnp.einsum("bld,dhk->blhk", x, self.wk.value), act)
     v = constrain(jnp.einsum("bld,dhk->blhk", x, self.wv.value), act)
-    q = rope(self.q_norm(q), ids.position, self.rope_theta)
-    k = rope(self.k_norm(k), ids.position, self.rope_theta)
+    q = rope(self.q_norm(q), rope_pos, self.rope_theta)
+    k = rope(self.k_norm(k), rope_pos, self.rope_theta)
     kv_ids = ids
     if cache is not None:  # write this chunk at cache_index, attend over the whole cache
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
@@ -152,8 +171,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.width, rngs=rngs)
     self.mlp = SwiGLU(cfg.width, cfg.mlp_dim, cfg.depth, rngs=rngs)
 
-  def __call__(self, x, ids, cache=None, cache_index=None):
-    h, cache = self.attn(self.attn_norm(x), ids, cache, cache_index)
+  def __call__(self, x, ids, rope_pos, cache=None, cache_index=None):
+    h, cache = self.attn(self.attn_norm(x), ids, rope_pos, cache, cache_index)
     x = constrain(x + h, ("batch", "length", "act_embed"))
     x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
     return x, cache

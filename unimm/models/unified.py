@@ -35,6 +35,8 @@ class UnifiedTransformer(nnx.Module):
       from unimm.errors import UserError
       raise UserError(f"model.width={w} is not a multiple of model.heads={cfg.heads}")
     self.heads, self.width, self.depth = cfg.heads, cfg.width, cfg.depth
+    self.grid = int(round(math.sqrt(num_patches)))
+    self.image_rope_2d = bool(cfg.image_rope_2d)
     self.vocab_size, self.patch_dim = vocab_size, patch_dim
     self.embed = param(rngs, (vocab_size, w), ("vocab", "embed"), 1.0)
     self.patch_in = param(rngs, (patch_dim, w), ("patch", "embed"), 1.0 / math.sqrt(patch_dim))
@@ -63,15 +65,27 @@ class UnifiedTransformer(nnx.Module):
     """Returns (logits [B, L, V] f32, flow [B, L, D] f32, new cache or None)."""
     ids = MaskIds(segment_ids, modality, image_ids, positions)
     x = self.embed_inputs(tokens, patches, t, modality, patch_index)
+    rope_pos = self.rope_positions(positions, modality, patch_index)
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.blocks):
-      x, c = block(x, ids, None if cache is None else cache[i], cache_index)
+      x, c = block(x, ids, rope_pos, None if cache is None else cache[i], cache_index)
       if cache is not None:
         new_cache.append(c)
     x = self.final_norm(x)
     logits = constrain((x @ self.lm_head.value).astype(jnp.float32), ("batch", "length", "act_vocab"))
     flow = (x @ self.flow_head.value).astype(jnp.float32)
     return logits, flow, new_cache
+
+  def rope_positions(self, positions, modality, patch_index):
+    """RoPE positions: the sequence position, plus (row, col) of image patches
+    (0 for text) when model.image_rope_2d, so that a patch and the patch at the
+    same place of another image are at relative offset 0 in those dims."""
+    if not self.image_rope_2d:
+      return positions
+    image = modality != TEXT
+    row = jnp.where(image, patch_index // self.grid, 0)
+    col = jnp.where(image, patch_index % self.grid, 0)
+    return jnp.stack([positions, row, col], axis=-1)
 
   def init_cache(self, batch, length, dtype=jnp.float32):
     """Empty KV cache: per block k/v [B, C, H, Dh] and the mask ids of each slot."""
