@@ -14,10 +14,11 @@ PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
 REPO_DIR=${REPO_DIR:-unimm}
 here=$(cd "$(dirname "$0")/.." && pwd)
 
-tar -C "$here" --exclude=.venv --exclude=runs --exclude=.git -czf /tmp/unimm_src.tgz .
-gcloud compute tpus tpu-vm scp /tmp/unimm_src.tgz "$TPU_NAME":/tmp/ --worker=all --zone="$ZONE" $PROJECT_FLAG
+src=$(mktemp -d)/unimm_src.tgz
+tar -C "$here" --exclude=.venv --exclude=runs --exclude=.git -czf "$src" .
+gcloud compute tpus tpu-vm scp "$src" "$TPU_NAME":unimm_src.tgz --worker=all --zone="$ZONE" $PROJECT_FLAG
 args=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all --zone="$ZONE" $PROJECT_FLAG --command "
-  set -e; mkdir -p $REPO_DIR && tar -C $REPO_DIR -xzf /tmp/unimm_src.tgz && cd $REPO_DIR &&
+  set -e; mkdir -p $REPO_DIR && tar -C $REPO_DIR -xzf ~/unimm_src.tgz && cd $REPO_DIR &&
   python3 -m pip install -q -e '.[tpu]' &&
   UNIMM_DISTRIBUTED=1 python3 -m unimm.train $args"
