@@ -13,20 +13,23 @@ used unless --config is given):
 import json
 import os
 
+import jax
 import numpy as np
+from PIL import Image
 
+from unimm.config import from_saved, parse_args
 from unimm.errors import UserError, cli
+from unimm.eval.run import evaluate
+from unimm.sampling.sampler import Sampler
+from unimm.train.loop import Run
 
 
 def sampler_from_run(run, state):
-  from unimm.sampling.sampler import Sampler
-  import jax
   params = jax.device_get(state["params"])
   return Sampler(run.trainer.graphdef, params, run.cfg, run.tokenizer, run.patcher)
 
 
 def _load_image(path, size):
-  from PIL import Image
   if not os.path.exists(path):
     raise UserError(f"--image {path} does not exist")
   img = Image.open(path).convert("RGB")
@@ -36,7 +39,6 @@ def _load_image(path, size):
 
 
 def _workdir_config(opts):
-  from unimm.config import from_saved
   if not opts.get("workdir"):
     raise UserError("--workdir DIR (a training workdir) is required")
   path = os.path.join(opts["workdir"], "config.json")
@@ -47,7 +49,6 @@ def _workdir_config(opts):
 
 
 def main(argv):
-  from unimm.config import parse_args
   cfg, opts = parse_args(argv, flags=("workdir", "mode", "prompt", "image", "out", "seed"),
                          switches=(), default_config=_workdir_config)
   if not opts["workdir"]:
@@ -58,13 +59,10 @@ def main(argv):
   if mode in ("caption", "answer", "edit") and not opts["image"]:
     raise UserError(f"--mode {mode} needs --image PATH")
   cfg.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)  # sampling runs on one device
-  import jax
-  from unimm.train.loop import Run
   run = Run(cfg, opts["workdir"], devices=jax.devices()[:1])
   sampler = sampler_from_run(run, run.restore_or_init(require=True))
   size = cfg.data.image_size
   if mode == "eval":
-    from unimm.eval.run import evaluate
     evaluate(sampler, cfg, opts["workdir"])
   elif mode == "t2i":
     _save(sampler.text_to_image([prompt], seed=seed)[0], opts["out"] or "sample.png")
@@ -77,7 +75,6 @@ def main(argv):
 
 
 def _save(img, path):
-  from PIL import Image
   Image.fromarray(img).save(path)
   print(path)
 

@@ -7,7 +7,8 @@ modality embedding (clean context vs noised target) and a timestep embedding.
 The same residual stream feeds two heads: next-token logits and a flow head
 that predicts, per image position, the velocity `eps - x0` or the clean patch
 `x0` (config `model.prediction`). The attention mask is built from ids (see
-`layers.attention_mask`).
+`layers.attention_mask`); RoPE rotates by the sequence position and, with
+`model.image_rope_2d`, also by each patch's (row, col).
 
 Inputs (all [B, L] unless noted): tokens, patches [B, L, D] (x_t at noised
 positions, x0 at clean ones), t (per token, 0 for clean images and text),
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimm.data.document import TEXT
+from unimm.errors import UserError
+from unimm.models.image_tokenizer import PixelPatches
 from unimm.models.layers import Block, MaskIds, RMSNorm, param, timestep_embedding
 from unimm.parallel.sharding import constrain
 
@@ -32,7 +35,6 @@ class UnifiedTransformer(nnx.Module):
   def __init__(self, cfg, *, vocab_size, patch_dim, num_patches, rngs):
     w = cfg.width
     if w % cfg.heads:
-      from unimm.errors import UserError
       raise UserError(f"model.width={w} is not a multiple of model.heads={cfg.heads}")
     self.heads, self.width, self.depth = cfg.heads, cfg.width, cfg.depth
     self.grid = int(round(math.sqrt(num_patches)))
@@ -97,8 +99,6 @@ class UnifiedTransformer(nnx.Module):
 
 def build_model(cfg, *, vocab_size, seed=None):
   """The unified model for a full config (model + data fields)."""
-  from unimm.models.image_tokenizer import PixelPatches
-  from unimm.errors import UserError
   if cfg.model.image_tokenizer != "pixels":
     raise UserError(f"model.image_tokenizer='{cfg.model.image_tokenizer}' is not available yet; use 'pixels'")
   patcher = PixelPatches(cfg.data.image_size, cfg.model.patch_size)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from unimm.errors import UserError
 from unimm.models.unified import build_model
 from unimm.objectives.losses import unified_loss
 from unimm.parallel import sharding as shd
@@ -37,7 +38,6 @@ class Trainer:
   """Everything the step needs, built once from the config and the mesh."""
 
   def __init__(self, cfg, mesh, vocab_size):
-    from unimm.errors import UserError
     if cfg.model.dtype not in DTYPES:
       raise UserError(f"model.dtype='{cfg.model.dtype}': use one of {', '.join(DTYPES)}")
     self.cfg, self.mesh, self.rules = cfg, mesh, tuple(tuple(r) for r in cfg.mesh.rules)
