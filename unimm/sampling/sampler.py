@@ -157,6 +157,7 @@ class Sampler:
     probs = jax.nn.softmax(logits, axis=-1)
     sorted_p = jnp.sort(probs, axis=-1)[:, ::-1]
     cum = jnp.cumsum(sorted_p, axis=-1)
-    cutoff = jnp.take_along_axis(sorted_p, jnp.sum(cum < s.top_p, axis=-1, keepdims=True), axis=-1)
+    last = jnp.minimum(jnp.sum(cum < s.top_p, axis=-1, keepdims=True), probs.shape[-1] - 1)
+    cutoff = jnp.take_along_axis(sorted_p, last, axis=-1)  # smallest kept probability
     logits = jnp.where(probs < cutoff, -jnp.inf, logits)
     return jax.random.categorical(rng, logits, axis=-1)
