@@ -25,8 +25,8 @@ from unimm.train.loop import Run
 
 
 def sampler_from_run(run, state):
-  params = jax.device_get(state["params"])
-  return Sampler(run.trainer.graphdef, params, run.cfg, run.tokenizer, run.patcher)
+  """A Sampler over the run's parameters, left where they are (on the mesh)."""
+  return Sampler(run.trainer.graphdef, state["params"], run.cfg, run.tokenizer, run.patcher)
 
 
 def _load_image(path, size):
@@ -59,7 +59,7 @@ def main(argv):
   if mode in ("caption", "answer", "edit") and not opts["image"]:
     raise UserError(f"--mode {mode} needs --image PATH")
   cfg.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)  # sampling runs on one device
-  run = Run(cfg, opts["workdir"], devices=jax.devices()[:1])
+  run = Run(cfg, opts["workdir"], devices=jax.devices()[:1], with_data=False)
   sampler = sampler_from_run(run, run.restore_or_init(require=True))
   size = cfg.data.image_size
   if mode == "eval":

@@ -70,8 +70,8 @@ class Sampler:
   def _velocity(self, batch, x, idx, t):
     """Model velocity at the noised positions `idx` ([n, N]) of `batch` for state x [n, N, D]."""
     rows = np.arange(x.shape[0])[:, None]
-    patches = jnp.asarray(batch["patches"]).at[rows, idx].set(x)
-    tt = jnp.where(jnp.asarray(batch["modality"]) == D.NOISED_IMAGE, t, 0.0)
+    patches = batch["patches"].at[rows, idx].set(x)
+    tt = jnp.where(batch["modality"] == D.NOISED_IMAGE, t, 0.0)
     b = dict(batch, patches=patches)
     _, out = self._forward(self.params, b, tt)
     out = out[rows, idx]
@@ -85,6 +85,8 @@ class Sampler:
     bc, bu = _stack(enc_c, Lc, False), _stack(enc_u, Lu, False)
     noised_idx = lambda b: np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
     ic, iu = noised_idx(bc), noised_idx(bu)
+    # on the device once; every Euler step only swaps in the current x
+    bc, bu = jax.tree.map(jnp.asarray, bc), jax.tree.map(jnp.asarray, bu)
     n, N, Dp = len(cond_docs), self.patcher.num_patches, self.patcher.patch_dim
     x = jax.random.normal(jax.random.key(seed), (n, N, Dp), jnp.float32)
     s = self.cfg.sample

@@ -21,11 +21,13 @@ class Checkpointer:
                               data=grain.checkpoint.CheckpointSave(data_iter))
     return self.manager.save(int(step), args=args, force=force)
 
-  def restore(self, step, abstract_state, data_iter):
-    """Restores into `abstract_state`'s shapes and shardings; sets data_iter's state."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=grain.checkpoint.CheckpointRestore(data_iter))
-    return self.manager.restore(int(step), args=args)["state"]
+  def restore(self, step, abstract_state, data_iter=None):
+    """Restores into `abstract_state`'s shapes and shardings; sets data_iter's state
+    (None, e.g. for sampling: the data state is not read)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(int(step), args=ocp.args.Composite(**items))["state"]
 
   def wait(self):
     self.manager.wait_until_finished()

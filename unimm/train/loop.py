@@ -35,7 +35,8 @@ def check_batch_fits_mesh(cfg, mesh):
 class Run:
   """A training run in a workdir: mesh, tokenizer, trainer, data and checkpoints."""
 
-  def __init__(self, cfg, workdir, devices=None):
+  def __init__(self, cfg, workdir, devices=None, with_data=True):
+    """with_data=False (sampling): no data pipeline is built and its state is not restored."""
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
     self.mesh = make_mesh(cfg.mesh, devices)
     check_batch_fits_mesh(cfg, self.mesh)
@@ -43,7 +44,7 @@ class Run:
     self.patcher = PixelPatches(cfg.data.image_size, cfg.model.patch_size)
     self.trainer = Trainer(cfg, self.mesh, self.tokenizer.model_vocab_size())
     self.data = make_iterator(cfg, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count()) if with_data else None
     self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), cfg.train.keep_ckpts)
     self.rng = jax.random.key(cfg.seed)
 
