@@ -64,8 +64,15 @@ def defaults() -> ml_collections.ConfigDict:
       two_object_prob=0.3,
       cfg_dropout=0.1,     # drop the condition text of generation targets (classifier-free guidance)
       tokenizer="byte",    # "byte" (needs no download) or a local tokenizer directory
-      num_workers=0,       # Grain worker processes (0: in-process)
+      num_workers=0,       # Grain worker processes (0: in-process); a checkpoint resumes only with the same count
+      read_threads=2,      # threads per process (or worker) decoding records ahead of packing
       pack_bins=8,         # first-fit packing bins
+      # "name[:weight],...": "shapes" (built in) or a folder written by `python -m unimm.data.convert`
+      mixture="shapes",
+      max_aspect=1.0,      # >1: images go to aspect-ratio buckets up to this ratio (1: centre-cropped squares)
+      pair_caption_prob=0.3,  # share of converted image-text pairs read as captioning (image, then text)
+      max_error_rate=0.05, # a source whose skipped share of records passes this stops the run
+      error_min_records=100,  # ... once this many of its records were read
   )
   c.flow = dict(
       loss_weight=1.0,     # lambda in  ce + lambda * flow

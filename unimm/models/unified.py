@@ -23,7 +23,7 @@ from flax import nnx
 
 from unimm.data.document import TEXT
 from unimm.errors import UserError
-from unimm.models.image_tokenizer import PixelPatches
+from unimm.models.image_tokenizer import image_tokenizer
 from unimm.models.layers import Block, MaskIds, RMSNorm, param, timestep_embedding
 from unimm.parallel.sharding import constrain
 
@@ -32,17 +32,19 @@ T_FREQ_DIM = 256
 
 class UnifiedTransformer(nnx.Module):
 
-  def __init__(self, cfg, *, vocab_size, patch_dim, num_patches, rngs):
+  def __init__(self, cfg, *, vocab_size, patch_dim, patch_grid, rngs):
+    """patch_grid = (rows, cols): the position table of image patches (the
+    image tokenizer's max_rows, max_cols; patch_index = row * cols + col)."""
     w = cfg.width
     if w % cfg.heads:
       raise UserError(f"model.width={w} is not a multiple of model.heads={cfg.heads}")
     self.heads, self.width, self.depth = cfg.heads, cfg.width, cfg.depth
-    self.grid = int(round(math.sqrt(num_patches)))
+    self.grid = int(patch_grid[1])
     self.image_rope_2d = bool(cfg.image_rope_2d)
     self.vocab_size, self.patch_dim = vocab_size, patch_dim
     self.embed = param(rngs, (vocab_size, w), ("vocab", "embed"), 1.0)
     self.patch_in = param(rngs, (patch_dim, w), ("patch", "embed"), 1.0 / math.sqrt(patch_dim))
-    self.patch_pos = param(rngs, (num_patches, w), ("positions", "embed"), 0.02)
+    self.patch_pos = param(rngs, (patch_grid[0] * patch_grid[1], w), ("positions", "embed"), 0.02)
     self.modality_embed = param(rngs, (3, w), (None, "embed"), 0.02)
     self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM))
     self.t_out = param(rngs, (w, w), ("embed", None), 1.0 / math.sqrt(w))
@@ -99,10 +101,8 @@ class UnifiedTransformer(nnx.Module):
 
 def build_model(cfg, *, vocab_size, seed=None):
   """The unified model for a full config (model + data fields)."""
-  if cfg.model.image_tokenizer != "pixels":
-    raise UserError(f"model.image_tokenizer='{cfg.model.image_tokenizer}' is not available yet; use 'pixels'")
-  patcher = PixelPatches(cfg.data.image_size, cfg.model.patch_size)
+  patcher = image_tokenizer(cfg)
   model = UnifiedTransformer(
       cfg.model, vocab_size=vocab_size, patch_dim=patcher.patch_dim,
-      num_patches=patcher.num_patches, rngs=nnx.Rngs(cfg.seed if seed is None else seed))
+      patch_grid=(patcher.max_rows, patcher.max_cols), rngs=nnx.Rngs(cfg.seed if seed is None else seed))
   return model, patcher

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from unimm.data.pipeline import make_iterator, validate_batch
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
-from unimm.models.image_tokenizer import PixelPatches
+from unimm.models.image_tokenizer import image_tokenizer
 from unimm.parallel.sharding import make_mesh
 from unimm.train.checkpoint import Checkpointer
 from unimm.train.step import Trainer
@@ -41,7 +41,7 @@ class Run:
     self.mesh = make_mesh(cfg.mesh, devices)
     check_batch_fits_mesh(cfg, self.mesh)
     self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-    self.patcher = PixelPatches(cfg.data.image_size, cfg.model.patch_size)
+    self.patcher = image_tokenizer(cfg)
     self.trainer = Trainer(cfg, self.mesh, self.tokenizer.model_vocab_size())
     self.data = make_iterator(cfg, process_index=jax.process_index(),
                               process_count=jax.process_count()) if with_data else None
@@ -84,6 +84,7 @@ class Run:
         if step % cfg.log_every == 0 or step == steps or out_of_time:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           m.update(step=step, steps_per_s=(step - start) / (time.time() - t0))
+          m.update(self.data.metrics())
           bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}", flow=f"{m['flow']:.3f}")
           metrics_file.write(json.dumps(m) + "\n")
           metrics_file.flush()

@@ -1,0 +1,266 @@
+"""The training data stream over converted sources: mixture, aspect buckets,
+skip counting and the error threshold, resume (same / other worker count),
+and sharding over processes."""
+
+import io
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import tiny_config
+from unimm.data import records
+from unimm.data.document import NOISED_IMAGE, TEXT
+from unimm.data.pipeline import (SKIP_REASONS, document_stream, make_iterator,
+                                 parse_mixture)
+from unimm.data.tokenizer import load_tokenizer
+from unimm.errors import UserError
+from unimm.models.image_tokenizer import PixelPatches
+
+
+def png(array):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def pair(i, h=16, w=16, image=None):
+  """A converted text-to-image pair whose text starts with its id '#i '."""
+  if image is None:
+    image = png(np.full((h, w, 3), (i * 7) % 256, np.uint8))
+  return {"task": "t2i", "segments": [
+      {"kind": "text", "text": f"#{i} a picture", "loss": True},
+      {"kind": "image", "bytes": image, "role": "target"}], "meta": {"id": i}}
+
+
+def write_source(directory, docs, raw=(), docs_per_shard=7):
+  """A converted folder: `docs` packed, plus `raw` records as they are."""
+  w = records.ShardWriter(str(directory), docs_per_shard=docs_per_shard)
+  for doc in docs:
+    w.write(doc)
+  for r in raw:  # bypass pack: malformed records
+    w._writer.write(r)  # pylint: disable=protected-access
+  w.close({"format": "test"})
+  return str(directory)
+
+
+def cfg_for(mixture, **over):
+  cfg = tiny_config(**{"data.mixture": mixture, "data.seq_len": 96, "data.batch_size": 4,
+                       "data.pack_bins": 4, "data.pair_caption_prob": 0.0,
+                       "data.cfg_dropout": 0.0, **over})
+  return cfg
+
+
+def packed(batch, tok):
+  """(id, row, mask) of each document packed in a batch (ids '#i' of pair())."""
+  for r in range(batch["tokens"].shape[0]):
+    for s in sorted(set(batch["segment_ids"][r].tolist()) - {0}):
+      sel = batch["segment_ids"][r] == s
+      ids = batch["tokens"][r][sel & (batch["modality"][r] == TEXT)].tolist()
+      m = re.match(r"#(\d+) ", tok.decode([t for t in ids if t not in tok.special_ids]))
+      yield (int(m.group(1)) if m else None), r, sel
+
+
+def doc_ids(batch, tok):
+  return [i for i, _, _ in packed(batch, tok)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return load_tokenizer("byte")
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+  return write_source(tmp_path_factory.mktemp("pairs"), [pair(i) for i in range(40)])
+
+
+def test_parse_mixture():
+  assert parse_mixture("shapes") == [("shapes", "shapes", 1.0)]
+  assert parse_mixture("shapes:0.7, /d/pairs:0.3,/e/pairs") == [
+      ("shapes", "shapes", 0.7), ("pairs", "/d/pairs", 0.3), ("pairs_2", "/e/pairs", 1.0)]
+  for bad in ("", "shapes:0", "shapes:-1"):
+    with pytest.raises(UserError):
+      parse_mixture(bad)
+
+
+def test_missing_source_is_one_line_error(tmp_path):
+  with pytest.raises(UserError, match="holds no docs-"):
+    make_iterator(cfg_for(f"shapes,{tmp_path}"))
+
+
+def test_mixture_follows_weights(pairs_dir, tok):
+  it = make_iterator(cfg_for(f"shapes:3,{pairs_dir}:1"))
+  for _ in range(12):
+    next(it)
+  m = it.metrics()
+  name = os.path.basename(pairs_dir)
+  share = m[f"data/read/{name}"] / (m[f"data/read/{name}"] + m["data/read/shapes"])
+  assert abs(share - 0.25) < 0.08, m
+  it.close()
+
+
+def test_converted_pairs_stream_exactly(pairs_dir, tok):
+  """Every document of a converted folder arrives whole, its image decoded."""
+  it = make_iterator(cfg_for(pairs_dir))
+  batch = next(it)
+  ids = doc_ids(batch, tok)
+  assert ids and None not in ids and len(set(ids)) == len(ids)
+  for i, r, sel in packed(batch, tok):
+    img = sel & (batch["modality"][r] == NOISED_IMAGE)
+    assert img.sum() == PixelPatches(16, 8).num_patches
+    np.testing.assert_allclose(batch["patches"][r][img], (i * 7) % 256 / 127.5 - 1.0, atol=1e-6)
+  it.close()
+
+
+def test_aspect_ratio_buckets(tmp_path, tok):
+  """Wide and tall photos land in 3x5 / 5x3 patch grids, squares in 4x4, each
+  resized to cover and centre-cropped; patch_index = row * max_cols + col."""
+  wide = np.zeros((30, 60, 3), np.uint8)
+  wide[:, 20:40] = 255  # a white band in the middle survives the crop
+  docs = [pair(0, image=png(wide)), pair(1, h=60, w=30), pair(2, h=33, w=31)]
+  src = write_source(tmp_path / "photos", docs)
+  cfg = cfg_for(src, **{"data.image_size": 32, "data.max_aspect": 2.0, "data.seq_len": 128})
+  it = make_iterator(cfg)
+  batch = next(it)
+  grids = {}
+  for i, r, sel in packed(batch, tok):
+    img = sel & (batch["modality"][r] == NOISED_IMAGE)
+    grids[i] = (int(img.sum()), batch["patch_index"][r][img], batch["patches"][r][img])
+  assert grids[0][0] == 15 and grids[1][0] == 15 and grids[2][0] == 16
+  np.testing.assert_array_equal(grids[0][1], [r * 5 + c for r in range(3) for c in range(5)])
+  np.testing.assert_array_equal(grids[1][1], [r * 5 + c for r in range(5) for c in range(3)])
+  np.testing.assert_array_equal(grids[2][1], [r * 5 + c for r in range(4) for c in range(4)])
+  image = PixelPatches(32, 8, max_aspect=2.0).decode(grids[0][2], grid=(3, 5))
+  assert image.shape == (24, 40, 3)
+  assert image[:, 14:26].min() > 200 and image[:, :10].max() < 50 and image[:, 30:].max() < 50
+  it.close()
+
+
+def test_bad_records_are_counted_by_reason(tmp_path):
+  good = [pair(i) for i in range(60)]
+  bad = [pair(100, image=b"not an image"), pair(101, image=b""),
+         pair(102, image=png(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8))[:60])]
+  src = write_source(tmp_path / "mixed", good + bad, raw=[b"\x00garbage"])
+  it = make_iterator(cfg_for(src, **{"data.max_error_rate": 0.2}))
+  for _ in range(40):
+    next(it)
+  m = it.metrics()
+  epochs = m["data/read/mixed"] // 64
+  assert epochs >= 2
+  for reason in ("undecodable_image", "empty_image", "truncated_image", "malformed_record"):
+    assert m[f"data/skipped/mixed/{reason}"] >= epochs, (reason, m)
+  assert set(k.split("/")[-1] for k in m if k.startswith("data/skipped")) <= set(SKIP_REASONS)
+  it.close()
+
+
+def test_error_rate_threshold_names_source_and_reason(tmp_path):
+  docs = [pair(i) for i in range(10)] + [pair(100 + i, image=b"junk") for i in range(30)]
+  src = write_source(tmp_path / "broken", docs)
+  it = make_iterator(cfg_for(f"shapes:1,{src}:1", **{"data.error_min_records": 20}))
+  with pytest.raises(UserError, match=r"data source 'broken': .*most common reason: "
+                                      r"undecodable_image"):
+    for _ in range(50):
+      next(it)
+  it.close()
+
+
+def test_too_long_documents_stop_with_the_seq_len_hint():
+  it = make_iterator(tiny_config(**{"data.seq_len": 24, "data.error_min_records": 20}))
+  with pytest.raises(UserError, match=r"too_long .*data.seq_len is 24"):
+    next(it)
+  it.close()
+
+
+def take_ids(it, n, tok):
+  return [doc_ids(next(it), tok) for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reads_exactly_the_uninterrupted_stream(pairs_dir, tok, workers):
+  cfg = cfg_for(f"shapes:1,{pairs_dir}:1", **{"data.num_workers": workers,
+                                              "data.cfg_dropout": 0.3,
+                                              "data.pair_caption_prob": 0.3})
+  it = make_iterator(cfg)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(3)]
+  it.close()
+  again = make_iterator(cfg)
+  again.set_state(state)
+  got = [next(again) for _ in range(3)]
+  for a, b in zip(want, got):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert again.metrics() == it.metrics()
+  again.close()
+
+
+def test_resume_with_other_worker_count_is_a_clear_error(pairs_dir):
+  it = make_iterator(cfg_for(pairs_dir))
+  next(it)
+  state = it.get_state()
+  it.close()
+  other = make_iterator(cfg_for(pairs_dir, **{"data.num_workers": 1}))
+  with pytest.raises(UserError, match=r"data.num_workers=0 but this run has 1.*"
+                                      r"--config.data.num_workers=0"):
+    other.set_state(state)
+  changed = make_iterator(cfg_for(f"shapes,{pairs_dir}"))
+  with pytest.raises(UserError, match="same data.mixture"):
+    changed.set_state(state)
+
+
+@pytest.mark.parametrize("num_records", [40, 41])
+def test_two_processes_read_each_record_once_per_epoch(tmp_path, tok, num_records):
+  """Two simulated processes: their first epoch's reads partition the source."""
+  src = write_source(tmp_path / "ids", [pair(i) for i in range(num_records)])
+  cfg = cfg_for(src)
+  reads = []
+  for p in range(2):
+    stream = iter(document_stream(cfg, process_index=p, process_count=2))
+    share = (num_records - p + 1) // 2  # records p, p + 2, ... of the shuffled epoch
+    reads.append([doc_ids({"tokens": e["tokens"][None], "modality": e["modality"][None],
+                           "segment_ids": np.ones((1, len(e["tokens"])), np.int32)}, tok)[0]
+                  for e in (next(stream) for _ in range(share))])
+    stream.close()
+  assert not set(reads[0]) & set(reads[1])
+  assert sorted(reads[0] + reads[1]) == list(range(num_records))
+
+
+def test_two_processes_fill_the_global_batch_on_8_devices(pairs_dir, tok):
+  """Each of 2 processes packs its half of the global batch from disjoint
+  records; on an 8-device data mesh, devices 0-3 hold process 0's rows."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  assert len(jax.devices()) == 8
+  cfg = cfg_for(pairs_dir, **{"data.batch_size": 8})
+  halves = [next(make_iterator(cfg, process_index=p, process_count=2)) for p in range(2)]
+  ids = [set(doc_ids(h, tok)) for h in halves]
+  assert ids[0] and ids[1] and not ids[0] & ids[1]
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  tokens = jax.device_put(np.concatenate([h["tokens"] for h in halves]),
+                          NamedSharding(mesh, P("data")))
+  for shard in tokens.addressable_shards:
+    row = shard.index[0].start
+    want = halves[row // 4]["tokens"][row % 4:row % 4 + 1]
+    np.testing.assert_array_equal(np.asarray(shard.data), want)
+
+
+def test_decode_applies_exif_orientation_and_buckets():
+  """A phone JPEG stored landscape with EXIF 'rotate 90' comes out portrait,
+  in the tall bucket."""
+  img = np.zeros((20, 40, 3), np.uint8)
+  img[:, :20] = 255  # left half white: after rotating 90 degrees clockwise, the top half
+  exif = Image.Exif()
+  exif[records.ORIENTATION] = 6
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG", exif=exif, quality=95)
+  patcher = PixelPatches(32, 8, max_aspect=2.0)
+  out = records.decode_image(buf.getvalue(), bucket=patcher.bucket_size)
+  assert out.shape == (40, 24, 3)
+  assert out[:15].mean() > 200 and out[25:].mean() < 50
+  plain = records.decode_image(png(img), bucket=patcher.bucket_size)
+  assert plain.shape == (24, 40, 3)
