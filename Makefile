@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-mixture test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) -m unimm.train --config configs/demo.py --workdir $(WORKDIR)
+
+# The demo on Shapes mixed with data converted from public formats (configs/demo_mixture.py).
+demo-mixture: setup
+	rm -rf runs/data/pairs runs/data/edits
+	$(PY) -m unimm.data.fixtures --format img2dataset --output runs/data/raw_pairs/00000.parquet --n 2000
+	$(PY) -m unimm.data.convert --format img2dataset --input runs/data/raw_pairs --output runs/data/pairs
+	$(PY) -m unimm.data.fixtures --format instructpix2pix --output runs/data/raw_edits/00000.parquet --n 2000
+	$(PY) -m unimm.data.convert --format instructpix2pix --input runs/data/raw_edits --output runs/data/edits
+	$(PY) -m unimm.train --config configs/demo_mixture.py --workdir runs/demo_mixture
 
 test: setup
 	$(PY) -m pytest -q tests

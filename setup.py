@@ -21,9 +21,15 @@ setup(
         "tensorboardX",
         "tqdm",
         "safetensors",
+        "msgpack",
+        "pyarrow",
+        "array-record",
+        "psutil",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # torch: the PyTorch DataLoader peer of unimm.data.bench (and, later, parity tests);
+        # 2.13.0 is the CPU build this machine keeps on disk
+        "test": ["pytest>=8", "torch==2.13.0"],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },

@@ -53,3 +53,41 @@ def test_train_eval_sample_resume(tmp_path):
   assert "step 3 of 6" in r.stdout
   metrics = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
   assert metrics[-1]["step"] == 6
+
+
+@pytest.mark.slow
+def test_convert_then_train_on_a_mixture(tmp_path):
+  """Requirement of the data issue: write public-format files, convert them,
+  train the demo config on Shapes mixed with both converted sources, resume
+  with a different worker count (a one-line error), then with the same one."""
+  raw_pairs, raw_edits = str(tmp_path / "raw" / "00000.parquet"), str(tmp_path / "e.parquet")
+  pairs, edits = str(tmp_path / "pairs"), str(tmp_path / "edits")
+  _run("unimm.data.fixtures", "--format", "webdataset", "--output",
+       raw_pairs.replace(".parquet", ".tar"), "--n", "40", "--image-size", "24")
+  r = _run("unimm.data.convert", "--format", "webdataset", "--input", str(tmp_path / "raw"),
+           "--output", pairs)
+  assert json.loads(r.stdout.strip().splitlines()[-1])["documents"] == 40
+  _run("unimm.data.fixtures", "--format", "instructpix2pix", "--output", raw_edits, "--n", "20")
+  r = _run("unimm.data.convert", "--format", "instructpix2pix", "--input", raw_edits,
+           "--output", edits)
+  assert json.loads(r.stdout.strip().splitlines()[-1]) == {
+      "documents": 20, "images": 40, "skipped": {}, "repaired": {}}
+  work = str(tmp_path / "run")
+  mix = [f"--config.data.mixture=shapes:2,{pairs}:1,{edits}:1", "--config.data.max_aspect=2",
+         "--config.train.log_every=1", "--no_eval"]
+  _run("unimm.train", "--config", "configs/demo.py", "--workdir", work, "--config.train.steps=3",
+       *mix, *TINY)
+  last = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))][-1]
+  assert last["step"] == 3 and last["data/read/pairs"] > 0 and last["data/read/edits"] > 0
+  assert last["data/read/shapes"] > 0
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  bad = subprocess.run([sys.executable, "-m", "unimm.train", "--config", "configs/demo.py",
+                        "--workdir", work, "--config.train.steps=4", "--config.data.num_workers=1",
+                        *mix, *TINY], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=600)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: the checkpoint's data stream was "
+                                                         "saved with data.num_workers=0")
+  _run("unimm.train", "--config", "configs/demo.py", "--workdir", work, "--config.train.steps=5",
+       *mix, *TINY)
+  assert [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))][-1]["step"] == 5

@@ -15,7 +15,7 @@ from helpers import tiny_config
 from unimm.data import records
 from unimm.data.document import NOISED_IMAGE, TEXT
 from unimm.data.pipeline import (SKIP_REASONS, document_stream, make_iterator,
-                                 parse_mixture)
+                                 parse_mixture, unstack)
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import PixelPatches
@@ -223,9 +223,10 @@ def test_two_processes_read_each_record_once_per_epoch(tmp_path, tok, num_record
   for p in range(2):
     stream = iter(document_stream(cfg, process_index=p, process_count=2))
     share = (num_records - p + 1) // 2  # records p, p + 2, ... of the shuffled epoch
-    reads.append([doc_ids({"tokens": e["tokens"][None], "modality": e["modality"][None],
-                           "segment_ids": np.ones((1, len(e["tokens"])), np.int32)}, tok)[0]
-                  for e in (next(stream) for _ in range(share))])
+    docs = [unstack(next(stream)) for _ in range(share)]
+    reads.append([doc_ids({"tokens": d["tokens"][None], "modality": d["modality"][None],
+                           "segment_ids": np.ones((1, len(d["tokens"])), np.int32)}, tok)[0]
+                  for d in docs])
     stream.close()
   assert not set(reads[0]) & set(reads[1])
   assert sorted(reads[0] + reads[1]) == list(range(num_records))

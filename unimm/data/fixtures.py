@@ -9,6 +9,11 @@ caller can inject any bad image; `bad_images()` holds one of each kind and
     write_img2dataset("/tmp/laion/00000.parquet",
                       [{"image": png, "caption": cap} for png, cap in pairs])
     # python -m unimm.data.convert --format img2dataset --input /tmp/laion --output /tmp/out
+
+As a command, it writes Shapes-world samples in a public format (what the
+mixture demo converts and trains on):
+
+    python -m unimm.data.fixtures --format img2dataset --output runs/data/raw/00000.parquet --n 2000
 """
 
 import hashlib
@@ -415,3 +420,46 @@ def write_omnigen(path, images_dir, rows):
       out["output_image"] = file(row["output_image"], f"{stem}_{r}_out")
     lines.append(json.dumps(out))
   _write_lines(path, lines)
+
+
+# ------------------------------------------------------------------ command
+
+
+def shapes_edits(n: int, image_size: int = 32, seed: int = 0) -> list:
+  """n InstructPix2Pix rows (source PNG, instruction, edited PNG) of Shapes scenes."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(n):
+    scene = shapes.random_scene(rng, int(rng.integers(1, 3)))
+    instruction, target = shapes.random_edit(rng, scene)
+    rows.append({"original_image": encode_png(shapes.render(scene, image_size)),
+                 "edit_prompt": instruction,
+                 "edited_image": encode_png(shapes.render(target, image_size)),
+                 "original_prompt": shapes.caption(scene), "edited_prompt": shapes.caption(target)})
+  return rows
+
+
+def main(argv) -> str:
+  """Writes --n Shapes samples as --format (img2dataset, webdataset or
+  instructpix2pix) to --output; returns the path."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  p = argparse.ArgumentParser(prog="python -m unimm.data.fixtures", description=main.__doc__)
+  p.add_argument("--format", required=True, choices=("img2dataset", "webdataset", "instructpix2pix"))
+  p.add_argument("--output", required=True, help="the file to write (.parquet / .tar)")
+  p.add_argument("--n", type=int, default=1000)
+  p.add_argument("--image-size", type=int, default=64)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  if args.format == "instructpix2pix":
+    write_instructpix2pix(args.output, shapes_edits(args.n, args.image_size, args.seed))
+  else:
+    rows = [{"image": png, "caption": cap}
+            for png, cap in shapes_pairs(args.n, args.image_size, args.seed)]
+    globals()[f"write_{args.format}"](args.output, rows)
+  print(args.output)
+  return args.output
+
+
+if __name__ == "__main__":
+  from unimm.errors import cli  # pylint: disable=import-outside-toplevel
+  cli(main)

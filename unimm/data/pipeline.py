@@ -310,7 +310,7 @@ class _Load(grain.transforms.Map):
       if n > self.seq_len:
         raise records.Skip(TOO_LONG, f"a {doc.get('task')!r} document needs {n} positions but "
                            f"data.seq_len is {self.seq_len}")
-      return {**out, "source": self.k}
+      return {**_to_packed(out), "source": self.k}
     except records.Skip as e:
       return {"skip": e.reason, "detail": e.detail, "source": self.k}
 
@@ -397,12 +397,34 @@ class _CountSkipsIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
+# The packer moves two arrays per document: the per-position ints stacked as
+# columns, and the patches (packing cost grows with the number of features).
+_INT_COLUMNS = ("tokens", "targets", "modality", "image_ids", "patch_index", "loss_mask")
+
+
+def _to_packed(encoded):
+  """encode_document's arrays -> {"ints": [n, 6] int32, "patches": [n, D]}."""
+  ints = np.stack([encoded[k].astype(np.int32, copy=False) for k in _INT_COLUMNS], axis=-1)
+  return {"ints": ints, "patches": encoded["patches"]}
+
+
+def unstack(element):
+  """A document_stream element (or packed row) -> the per-position features
+  of encode_document."""
+  ints = element["ints"]
+  out = {k: ints[..., j] for j, k in enumerate(_INT_COLUMNS)}
+  out["loss_mask"] = out["loss_mask"].astype(np.float32)
+  out["patches"] = element["patches"]
+  return out
+
+
 def _finish_packed(row):
-  """Keeps one segment_ids/positions pair (from tokens), drops the rest, and
-  sums the skip counts of the row's documents into `data_stats`."""
-  out = {k: row[k] for k in FEATURES}
-  out["segment_ids"] = row["tokens_segment_ids"]
-  out["positions"] = row["tokens_positions"]
+  """Unstacks the packed ints into the batch features, keeps one
+  segment_ids/positions pair, and sums the skip counts of the row's documents
+  into `data_stats`."""
+  out = unstack(row)
+  out["segment_ids"] = row["ints_segment_ids"]
+  out["positions"] = row["ints_positions"]
   stats = row["stats"]
   out["data_stats"] = np.sum(np.stack(stats), axis=0) if isinstance(stats, list) else stats
   return out
@@ -445,7 +467,7 @@ def make_dataset(cfg, *, process_index=0, process_count=1, source=None):
   it = document_stream(cfg, process_index=process_index, process_count=process_count,
                        source=source, tok=tok)
   it = grain.experimental.FirstFitPackIterDataset(
-      it, length_struct={k: seq_len for k in FEATURES},
+      it, length_struct={"ints": seq_len, "patches": seq_len},
       num_packing_bins=int(d.pack_bins), seed=int(cfg.seed),
       padding_struct=_padding(tok.pad_id), meta_features=("stats",))
   it = it.map(_finish_packed).batch(batch, drop_remainder=True)
@@ -530,9 +552,9 @@ def _allow_unparsed_absl_flags():
 
 def _padding(pad_id):
   """Packing fill values: pad id for tokens/targets, zeros elsewhere."""
-  pad = {k: None for k in FEATURES}  # None -> zeros
-  pad["tokens"] = pad["targets"] = pad_id
-  return pad
+  ints = np.zeros(len(_INT_COLUMNS), np.int32)
+  ints[_INT_COLUMNS.index("tokens")] = ints[_INT_COLUMNS.index("targets")] = pad_id
+  return {"ints": ints, "patches": None}
 
 
 class DataIterator(grain.DatasetIterator):
