@@ -75,8 +75,10 @@ def test_convert_then_train_on_a_mixture(tmp_path):
   work = str(tmp_path / "run")
   mix = [f"--config.data.mixture=shapes:2,{pairs}:1,{edits}:1", "--config.data.max_aspect=2",
          "--config.train.log_every=1", "--no_eval"]
-  _run("unimm.train", "--config", "configs/demo.py", "--workdir", work, "--config.train.steps=3",
-       *mix, *TINY)
+  r = _run("unimm.train", "--config", "configs/demo.py", "--workdir", work,
+           "--config.train.steps=3", *mix, *TINY)
+  assert "data source 'pairs' (25% of records): " in r.stdout
+  assert "40 documents with 40 images converted from webdataset" in r.stdout
   last = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))][-1]
   assert last["step"] == 3 and last["data/read/pairs"] > 0 and last["data/read/edits"] > 0
   assert last["data/read/shapes"] > 0

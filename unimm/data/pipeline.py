@@ -23,6 +23,7 @@ tokens/targets, which hold the tokenizer's pad id. image_ids restart per
 document: (segment_ids, image_ids) names an image within a row.
 """
 
+import json
 import math
 import os
 
@@ -256,6 +257,29 @@ def parse_mixture(spec):
   return out
 
 
+def describe_mixture(cfg):
+  """One line per source of data.mixture: its weight share and, for converted
+  folders, what the conversion wrote and skipped (their info.json)."""
+  mixture = parse_mixture(getattr(cfg.data, "mixture", "shapes"))
+  total = sum(w for _, _, w in mixture)
+  lines = []
+  for name, location, weight in mixture:
+    head = f"data source {name!r} ({weight / total:.0%} of records)"
+    if location == "shapes":
+      lines.append(f"{head}: the built-in Shapes world")
+      continue
+    try:
+      with open(os.path.join(location, records.INFO_FILE)) as f:
+        info = json.load(f)
+      lines.append(f"{head}: {location}, {info.get('documents')} documents with "
+                   f"{info.get('images')} images converted from {info.get('format')}; "
+                   f"skipped at conversion {info.get('skipped') or 'none'}, repaired "
+                   f"{info.get('repaired') or 'none'}")
+    except (OSError, ValueError):
+      lines.append(f"{head}: {location} (no {records.INFO_FILE})")
+  return lines
+
+
 def make_sources(cfg):
   """{name: (random-access source, weight)} for data.mixture."""
   d = cfg.data
@@ -418,15 +442,26 @@ def unstack(element):
   return out
 
 
-def _finish_packed(row):
-  """Unstacks the packed ints into the batch features, keeps one
-  segment_ids/positions pair, and sums the skip counts of the row's documents
-  into `data_stats`."""
-  out = unstack(row)
-  out["segment_ids"] = row["ints_segment_ids"]
-  out["positions"] = row["ints_positions"]
-  stats = row["stats"]
-  out["data_stats"] = np.sum(np.stack(stats), axis=0) if isinstance(stats, list) else stats
+def _collate(rows):
+  """Packed rows -> one batch.
+
+  The packer moves only the small int columns (tokens, ids, ...: 24 bytes a
+  position); each document's patches ride along as a list and are written
+  once, straight into the batch's [B, L, D] array (the patches are most of
+  the bytes: packing and then stacking them would copy them twice). The
+  rows' skip counts are summed into `data_stats`."""
+  ints = np.stack([row["ints"] for row in rows])
+  dim = rows[0]["patches"][0].shape[-1]
+  patches = np.zeros(ints.shape[:2] + (dim,), np.float32)
+  for r, row in enumerate(rows):
+    at = 0
+    for p in row["patches"]:
+      patches[r, at:at + len(p)] = p
+      at += len(p)
+  out = unstack({"ints": ints, "patches": patches})
+  out["segment_ids"] = np.stack([row["ints_segment_ids"] for row in rows])
+  out["positions"] = np.stack([row["ints_positions"] for row in rows])
+  out["data_stats"] = np.stack([np.sum(row["stats"], axis=0) for row in rows])
   return out
 
 
@@ -467,10 +502,10 @@ def make_dataset(cfg, *, process_index=0, process_count=1, source=None):
   it = document_stream(cfg, process_index=process_index, process_count=process_count,
                        source=source, tok=tok)
   it = grain.experimental.FirstFitPackIterDataset(
-      it, length_struct={"ints": seq_len, "patches": seq_len},
+      it, length_struct={"ints": seq_len},
       num_packing_bins=int(d.pack_bins), seed=int(cfg.seed),
-      padding_struct=_padding(tok.pad_id), meta_features=("stats",))
-  it = it.map(_finish_packed).batch(batch, drop_remainder=True)
+      padding_struct=_padding(tok.pad_id), meta_features=("stats", "patches"))
+  it = it.batch(batch, drop_remainder=True, batch_fn=_collate)
   if int(d.num_workers) > 0:
     _allow_unparsed_absl_flags()
     it = it.mp_prefetch(
@@ -554,7 +589,7 @@ def _padding(pad_id):
   """Packing fill values: pad id for tokens/targets, zeros elsewhere."""
   ints = np.zeros(len(_INT_COLUMNS), np.int32)
   ints[_INT_COLUMNS.index("tokens")] = ints[_INT_COLUMNS.index("targets")] = pad_id
-  return {"ints": ints, "patches": None}
+  return {"ints": ints}
 
 
 class DataIterator(grain.DatasetIterator):

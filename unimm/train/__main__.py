@@ -27,6 +27,7 @@ def main(argv):
   if not opts["workdir"]:
     raise UserError("--workdir DIR is required")
   init_distributed()
+  from unimm.data.pipeline import describe_mixture
   from unimm.eval.run import evaluate
   from unimm.sample import sampler_from_run
   from unimm.train.loop import Run
@@ -37,6 +38,8 @@ def main(argv):
   state = run.restore_or_init(require=opts["resume"])
   print(f"step {int(state['step'])} of {cfg.train.steps}; mesh {dict(run.mesh.shape)}; "
         f"workdir {run.workdir}", flush=True)
+  for line in describe_mixture(cfg):
+    print(line, flush=True)
   state = run.train(state)
   if not opts["no_eval"]:
     evaluate(sampler_from_run(run, state), cfg, run.workdir)
