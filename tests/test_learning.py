@@ -1,4 +1,4 @@
-"""Learning is tested: a tiny model trained for a few hundred steps on Shapes must
+"""Learning is tested: a tiny model trained for 1200 steps on Shapes must
 read images far better than chance (ShapesEval captions) and draw the asked-for colour
 more often than chance."""
 
@@ -18,7 +18,7 @@ def test_tiny_model_learns_shapes(tmp_path):
       "model.width": 64, "model.depth": 2, "model.heads": 2, "model.mlp_dim": 192,
       "data.batch_size": 8, "data.seq_len": 128, "data.two_object_prob": 0.0,
       "data.tasks": {"t2i": 0.6, "caption": 0.4},
-      "train.steps": 800, "train.log_every": 800, "train.ckpt_every": 10_000,
+      "train.steps": 1200, "train.log_every": 1200, "train.ckpt_every": 10_000,
       "optim.warmup_steps": 30, "flow.loss_weight": 3.0, "sample.cfg_scale": 4.0,
       "sample.steps": 10, "sample.max_new_tokens": 32})
   run = Run(cfg, str(tmp_path), devices=jax.devices()[:1])
