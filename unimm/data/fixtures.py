@@ -257,6 +257,16 @@ def write_tfds(data_dir, name, rows, label_names=None, split="train"):
 # ------------------------------------------------------------------- edits
 
 
+def _write_hf_rows(path, rows, schema):
+  """Rows (dicts; images as bytes | None) -> an HF-style parquet of `schema`."""
+  cols = {f.name: [] for f in schema}
+  for row in rows:
+    for f in schema:
+      v = row.get(f.name)
+      cols[f.name].append(_hf_image(v) if f.type == HF_IMAGE else v)
+  _write_hf_parquet(path, cols, schema)
+
+
 def write_instructpix2pix(path, rows):
   """A parquet shard of timbrooks/instructpix2pix-clip-filtered.
 
@@ -265,12 +275,7 @@ def write_instructpix2pix(path, rows):
   schema = pa.schema([("original_prompt", pa.string()), ("original_image", HF_IMAGE),
                       ("edit_prompt", pa.string()), ("edited_prompt", pa.string()),
                       ("edited_image", HF_IMAGE)])
-  cols = {f.name: [] for f in schema}
-  for row in rows:
-    for f in schema:
-      v = row.get(f.name)
-      cols[f.name].append(_hf_image(v) if f.type == HF_IMAGE else v)
-  _write_hf_parquet(path, cols, schema)
+  _write_hf_rows(path, rows, schema)
 
 
 def write_hq_edit(path, rows):
@@ -281,12 +286,7 @@ def write_hq_edit(path, rows):
   schema = pa.schema([("input", pa.string()), ("input_image", HF_IMAGE), ("edit", pa.string()),
                       ("inverse_edit", pa.string()), ("output", pa.string()),
                       ("output_image", HF_IMAGE)])
-  cols = {f.name: [] for f in schema}
-  for row in rows:
-    for f in schema:
-      v = row.get(f.name)
-      cols[f.name].append(_hf_image(v) if f.type == HF_IMAGE else v)
-  _write_hf_parquet(path, cols, schema)
+  _write_hf_rows(path, rows, schema)
 
 
 # ------------------------------------------------------------- interleaved

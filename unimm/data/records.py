@@ -79,6 +79,20 @@ def check_image(data, max_pixels: int = MAX_PIXELS):
   if data is None:
     raise Skip(MISSING_IMAGE)
   data = bytes(data)
+  img = _open(data, max_pixels)
+  try:
+    img.load()
+  except Exception as e:
+    raise Skip(TRUNCATED_IMAGE, f"{type(e).__name__}: {e}") from None
+  repair = _repair_reason(img)
+  if repair is None:
+    return data, None
+  return _png(_to_rgb(img)), repair
+
+
+def _open(data, max_pixels):
+  """PIL image of encoded bytes, header read only; Skip for empty or garbage
+  bytes and for more than max_pixels pixels (a decompression bomb)."""
   if not data:
     raise Skip(EMPTY_IMAGE)
   try:
@@ -94,14 +108,7 @@ def check_image(data, max_pixels: int = MAX_PIXELS):
     raise Skip(DECOMPRESSION_BOMB, f"{w}x{h} pixels > {max_pixels}")
   if w < 1 or h < 1:
     raise Skip(UNDECODABLE_IMAGE, f"size {w}x{h}")
-  try:
-    img.load()
-  except Exception as e:
-    raise Skip(TRUNCATED_IMAGE, f"{type(e).__name__}: {e}") from None
-  repair = _repair_reason(img)
-  if repair is None:
-    return data, None
-  return _png(_to_rgb(img)), repair
+  return img
 
 
 def _repair_reason(img):
@@ -153,20 +160,8 @@ def decode_image(data, size=None, bucket=None, max_pixels: int = MAX_PIXELS):
   bytes that are not a usable image (empty, garbage, truncated, larger than
   max_pixels).
   """
-  if not data:
-    raise Skip(EMPTY_IMAGE)
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      img = Image.open(io.BytesIO(data))
-  except Image.DecompressionBombError as e:
-    raise Skip(DECOMPRESSION_BOMB, str(e)) from None
-  except Exception as e:  # PIL raises many types for garbage
-    raise Skip(UNDECODABLE_IMAGE, f"{type(e).__name__}: {e}") from None
+  img = _open(data, max_pixels)
   w0, h0 = img.size
-  if w0 * h0 > max_pixels or w0 < 1 or h0 < 1:
-    raise Skip(DECOMPRESSION_BOMB if w0 * h0 > max_pixels else UNDECODABLE_IMAGE,
-               f"{w0}x{h0} pixels")
   try:
     orientation = img.getexif().get(ORIENTATION, 1) if img.format in ("JPEG", "WEBP") else 1
     turned = orientation in (5, 6, 7, 8)  # EXIF rotations by 90 degrees swap width and height
@@ -194,12 +189,6 @@ def _cover_box(have, size):
   cw, ch = size[1] / scale, size[0] / scale
   left, top = (w - cw) / 2, (h - ch) / 2
   return (left, top, left + cw, top + ch)
-
-
-def image_aspect(data):
-  """Width / height from the header only."""
-  w, h = Image.open(io.BytesIO(data)).size
-  return w / h
 
 
 # -------------------------------------------------------------------- text
