@@ -13,8 +13,8 @@ from PIL import Image
 
 from helpers import tiny_config
 from unimm.data import records
-from unimm.data.document import NOISED_IMAGE, TEXT
-from unimm.data.pipeline import (SKIP_REASONS, document_stream, make_iterator,
+from unimm.data.document import CLEAN_IMAGE, NOISED_IMAGE, TEXT
+from unimm.data.pipeline import (SKIP_REASONS, caption_pair, document_stream, make_iterator,
                                  parse_mixture, unstack)
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
@@ -287,3 +287,18 @@ def test_every_format_converts_and_streams(tmp_path, tok, fmt):
   assert images.any() and (batch["loss_mask"] > 0).any()
   assert batch["patch_index"][images].max() < 25  # 5 x 5 table: buckets 3x5, 4x4, 5x3
   it.close()
+
+
+def test_pairs_read_as_captions_at_pair_caption_prob(pairs_dir, tok):
+  doc = caption_pair({**pair(3), "segments": [
+      {"kind": "text", "text": "#3 a picture", "loss": False},
+      {"kind": "image", "image": np.zeros((16, 16, 3), np.uint8), "role": "target"}]})
+  assert doc["task"] == "caption"
+  assert [s.get("role", s["kind"]) for s in doc["segments"]] == ["condition", "text"]
+  assert doc["segments"][1]["loss"] is True
+  for prob, want in ((0.0, NOISED_IMAGE), (1.0, CLEAN_IMAGE)):
+    it = make_iterator(cfg_for(pairs_dir, **{"data.pair_caption_prob": prob}))
+    batch = next(it)
+    images = batch["modality"][batch["modality"] != TEXT]
+    assert images.size and (images == want).all(), prob
+    it.close()
