@@ -1,10 +1,17 @@
 """Documents -> packed training batches (Grain).
 
-    source[i] (document dict, see `unimm.data.document`)
-      -> condition_dropout      (classifier-free guidance: drop the prompt)
-      -> encode_document        (1-D arrays, one entry per sequence position)
-      -> first-fit packing      (several documents per row of data.seq_len)
-      -> batch                  (per-process rows)
+    per source of data.mixture ("shapes" or a folder of unimm.data.convert):
+      source[i]                 (a document dict, or a record of `records`)
+      -> shuffle, repeat        (a new order every epoch)
+      -> [process::processes]   (shard after repeat: no record twice or lost)
+      -> _Load                  (decode into aspect buckets, caption flip,
+                                 condition_dropout, encode_document; bad
+                                 records become counted skip markers)
+    -> IterDataset.mix          (by weight)
+    -> _CountSkips              (skip counts ride along with the documents)
+    -> first-fit packing        (several documents per row of data.seq_len)
+    -> batch (_collate)         (per-process rows), mp_prefetch (num_workers)
+    -> DataIterator             (counts, error threshold, checkpoint state)
 
 A batch is a dict of numpy arrays, the contract with the model and the loss:
 
@@ -14,7 +21,7 @@ A batch is a dict of numpy arrays, the contract with the model and the loss:
     patches      float32 [B, L, D]  image patches at image positions, else 0
     modality     int32   [B, L]     TEXT / CLEAN_IMAGE / NOISED_IMAGE
     image_ids    int32   [B, L]     1-based image index within its document
-    patch_index  int32   [B, L]     row-major patch index within its image
+    patch_index  int32   [B, L]     row * max_cols + col of the patch in its image
     segment_ids  int32   [B, L]     1.. per packed document, 0 = padding
     positions    int32   [B, L]     position within its document (from 0)
 
