@@ -27,9 +27,9 @@ setup(
         "psutil",
     ],
     extras_require={
-        # torch: the PyTorch DataLoader peer of unimm.data.bench (and, later, parity tests);
-        # 2.13.0 is the CPU build this machine keeps on disk
-        "test": ["pytest>=8", "torch==2.13.0"],
+        # torch: the PyTorch DataLoader peer of unimm.data.bench and the parity tests against
+        # diffusers / transformers; 2.13.0 is the CPU build this machine keeps on disk
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.40"],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },
