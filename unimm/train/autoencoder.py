@@ -1,0 +1,396 @@
+"""Training of image tokenizers (KL-VAE or VQ / FSQ / LFQ autoencoders) on Shapes images.
+
+    python -m unimm.train.autoencoder --config configs/vae_shapes.py --workdir runs/vae \
+        [--config.KEY=VALUE ...]
+
+The config is `unimm.config.defaults()` plus a `tokenizer` section
+(`tokenizer_defaults()`); the fields used are seed, data.image_size,
+data.batch_size, data.two_object_prob, optim.*, train.steps / log_every /
+ckpt_every / keep_ckpts / time_limit_s, mesh.* and tokenizer.*.
+
+Data: the built-in Shapes world, one or two objects per image, a deterministic
+stream (batch `s` is drawn from seed (0, seed, s), so a resumed run sees the same
+images as an uninterrupted one); held-out images come from (1, tokenizer.eval_seed).
+
+The workdir holds `checkpoints/` (Orbax: params, quantizer statistics, optimizer
+state, step), `tb/`, `metrics.jsonl`, `config.json` and, at the end, `eval.json`
+with the held-out PSNR (dB, on uint8 images) and, for vq, codebook usage and
+perplexity over the eval set. Starting again in the same workdir continues from
+its latest checkpoint.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from unimm.config import defaults
+from unimm.data.shapes import random_scene, render
+from unimm.errors import UserError, cli
+from unimm.models.quantizers import FSQ, LFQ, QuantizerStat, VectorQuantizer
+from unimm.models.vae import AutoencoderKL, Conv, Decoder, Encoder, VAEConfig
+from unimm.parallel import sharding as shd
+from unimm.train.step import make_optimizer
+
+KINDS = ("vae", "vq")
+QUANTIZERS = ("vq", "fsq", "lfq")
+REC_LOSSES = ("l1", "l2")
+
+
+def tokenizer_defaults() -> ml_collections.ConfigDict:
+  """The `tokenizer` config section, every field with its meaning."""
+  t = ml_collections.ConfigDict()
+  t.kind = "vae"                 # "vae" (KL autoencoder) or "vq" (quantized, see `quantizer`)
+  # encoder / decoder (unimm.models.vae layout); downsampling f = 2^(len(block_out_channels) - 1)
+  t.block_out_channels = (32, 64)
+  t.layers_per_block = 1
+  t.latent_channels = 4          # vae: latent channels; vq: decoder input channels
+  t.norm_num_groups = 8
+  # losses
+  t.rec_loss = "l1"              # "l1" or "l2" on images in [-1, 1]
+  t.kl_weight = 1e-5             # vae: loss = rec + kl_weight * KL (KL averaged over latent elements)
+  t.quantizer_weight = 1.0       # vq: loss = rec + quantizer_weight * quantizer loss
+  # quantizer (kind "vq"): the encoder's 2*latent outputs go through a 1x1 conv to the code dim
+  t.quantizer = "vq"             # "vq", "fsq" or "lfq"
+  t.num_codes = 1024             # vq codebook size
+  t.code_dim = 8                 # vq code dim; lfq: bits (2^code_dim codes)
+  t.beta = 0.25                  # vq commitment weight
+  t.l2_normalize = True          # vq: cosine-distance lookup on l2-normalised codes
+  t.ema = True                   # vq: codebook by EMA (not by gradients)
+  t.decay = 0.99                 # vq: EMA decay of cluster sizes (and codebook with ema)
+  t.dead_code_threshold = 0.1    # vq: codes whose EMA cluster size (codes per batch) is below are
+                                 # restarted from this batch's encoder outputs; 0: never
+  t.restart_every = 1            # vq: steps between dead-code restarts
+  t.fsq_levels = (8, 5, 5, 5)    # fsq: levels per channel (code dim = len, codes = product)
+  t.lfq_entropy_weight = 0.1
+  t.lfq_commitment_weight = 0.25
+  # evaluation
+  t.eval_images = 512            # held-out images
+  t.eval_seed = 1234
+  return t
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = defaults()
+  c.tokenizer = tokenizer_defaults()
+  return c
+
+
+def check_config(cfg):
+  t = cfg.get("tokenizer")
+  if t is None:
+    raise UserError("config has no 'tokenizer' section: start from "
+                    "unimm.train.autoencoder.default_config() (see configs/vae_shapes.py)")
+  if t.kind not in KINDS:
+    raise UserError(f"tokenizer.kind='{t.kind}': use one of {', '.join(KINDS)}")
+  if t.kind == "vq" and t.quantizer not in QUANTIZERS:
+    raise UserError(f"tokenizer.quantizer='{t.quantizer}': use one of {', '.join(QUANTIZERS)}")
+  if t.rec_loss not in REC_LOSSES:
+    raise UserError(f"tokenizer.rec_loss='{t.rec_loss}': use one of {', '.join(REC_LOSSES)}")
+  f = 2 ** (len(t.block_out_channels) - 1)
+  if cfg.data.image_size % f:
+    raise UserError(f"data.image_size={cfg.data.image_size} is not a multiple of the downsampling "
+                    f"factor {f} of tokenizer.block_out_channels={tuple(t.block_out_channels)}")
+  if cfg.data.batch_size < 1 or t.eval_images < 1 or t.restart_every < 1:
+    raise UserError("data.batch_size, tokenizer.eval_images and tokenizer.restart_every must be >= 1")
+
+
+def vae_config(t) -> VAEConfig:
+  return VAEConfig(block_out_channels=tuple(t.block_out_channels),
+                   layers_per_block=int(t.layers_per_block), latent_channels=int(t.latent_channels),
+                   norm_num_groups=int(t.norm_num_groups), scaling_factor=1.0)
+
+
+def build_quantizer(t, rngs):
+  if t.quantizer == "vq":
+    return VectorQuantizer(t.num_codes, t.code_dim, beta=t.beta, l2_normalize=t.l2_normalize,
+                           ema=t.ema, decay=t.decay, rngs=rngs)
+  if t.quantizer == "fsq":
+    return FSQ(t.fsq_levels)
+  return LFQ(t.code_dim, entropy_weight=t.lfq_entropy_weight,
+             commitment_weight=t.lfq_commitment_weight)
+
+
+class VQAutoencoder(nnx.Module):
+  """Encoder -> 1x1 conv to the code dim -> quantizer -> 1x1 conv to latent -> Decoder."""
+
+  def __init__(self, t, *, rngs):
+    vcfg = vae_config(t)
+    self.encoder = Encoder(vcfg, rngs=rngs)
+    self.quantizer = build_quantizer(t, rngs)
+    self.quant_conv = Conv(2 * vcfg.latent_channels, self.quantizer.dim, 1, rngs=rngs)
+    self.post_quant_conv = Conv(self.quantizer.dim, vcfg.latent_channels, 1, rngs=rngs)
+    self.decoder = Decoder(vcfg, rngs=rngs)
+
+  def encode(self, x):
+    """x [B, H, W, 3] in [-1, 1] -> quantizer inputs [B, H/f, W/f, code dim]."""
+    return self.quant_conv(self.encoder(x))
+
+  def decode(self, z_q):
+    return self.decoder(self.post_quant_conv(z_q))
+
+
+def build_tokenizer(t, rngs):
+  return AutoencoderKL(vae_config(t), rngs=rngs) if t.kind == "vae" else VQAutoencoder(t, rngs=rngs)
+
+
+def to_float(images):
+  """uint8 [..., 3] -> float32 in [-1, 1]."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(x):
+  return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def forward(model, images, rng, t, train):
+  """(loss, metrics, (quantizer input, indices) or None) of a batch of uint8 images.
+
+  The quantizer runs with train=False: its statistics (EMA) are updated by the caller,
+  outside the gradient trace.
+  """
+  x = to_float(images)
+  metrics, z = {}, None
+  if t.kind == "vae":
+    mean, logvar = model.encode(x)
+    latent = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape) if train else mean
+    rec = model.decode(latent)
+    kl = 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
+    aux = t.kl_weight * kl
+    metrics["kl"] = kl
+  else:
+    z = model.encode(x)
+    q = model.quantizer(z)
+    rec = model.decode(q["z_q"])
+    aux = t.quantizer_weight * q["loss"]
+    metrics.update(quantizer_loss=q["loss"], usage=q["usage"], perplexity=q["perplexity"])
+  err = rec.astype(jnp.float32) - x
+  rec_loss = jnp.mean(jnp.abs(err)) if t.rec_loss == "l1" else jnp.mean(err ** 2)
+  loss = rec_loss + aux
+  # PSNR of this batch on the [-1, 1] scale (peak-to-peak 2), as on [0, 255].
+  metrics.update(loss=loss, rec=rec_loss,
+                 psnr=10.0 * jnp.log10(4.0 / jnp.maximum(jnp.mean(err ** 2), 1e-10)))
+  return loss, metrics, None if z is None else (z, q["indices"])
+
+
+class AutoencoderTrainer:
+  """Train state {params, stats, opt_state, step}, its shardings and the jitted step."""
+
+  def __init__(self, cfg, mesh):
+    check_config(cfg)
+    self.cfg, self.t, self.mesh = cfg, cfg.tokenizer, mesh
+    self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    n = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    if cfg.data.batch_size % n:
+      raise UserError(f"data.batch_size={cfg.data.batch_size} does not divide over the {n} batch "
+                      f"shards of the mesh: use a multiple of {n}")
+    abstract = nnx.eval_shape(lambda: build_tokenizer(self.t, nnx.Rngs(cfg.seed)))
+    self.graphdef, abs_params, abs_stats = nnx.split(abstract, nnx.Param, QuantizerStat)
+    self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    rep = shd.replicated(mesh)
+    abs_opt = jax.eval_shape(self.tx.init, abs_params)
+    self.state_shardings = {
+        "params": shd.state_shardings(abs_params, mesh, self.rules),
+        "stats": shd.state_shardings(abs_stats, mesh, self.rules),
+        "opt_state": jax.tree.map(lambda _: rep, abs_opt), "step": rep}
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        {"params": abs_params, "stats": abs_stats, "opt_state": abs_opt,
+         "step": jax.ShapeDtypeStruct((), jnp.int32)}, self.state_shardings)
+    self.batch_sharding = shd.batch_sharding(mesh, self.rules, 4)
+    self.restarts = (self.t.kind == "vq" and self.t.quantizer == "vq"
+                     and self.t.dead_code_threshold > 0)
+    self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+    self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding, rep),
+                        out_shardings=(self.state_shardings, rep), donate_argnums=0)
+    self.reconstruct = jax.jit(self._reconstruct)
+
+  def _init(self):
+    model = build_tokenizer(self.t, nnx.Rngs(self.cfg.seed))
+    _, params, stats = nnx.split(model, nnx.Param, QuantizerStat)
+    return {"params": params, "stats": stats, "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32)}
+
+  def _step(self, state, images, rng):
+    params, stats, step = state["params"], state["stats"], state["step"]
+    rng = jax.random.fold_in(rng, step)
+
+    def loss_fn(p):
+      loss, metrics, codes = forward(nnx.merge(self.graphdef, p, stats), images, rng, self.t,
+                                     train=True)
+      return loss, (metrics, codes)
+
+    (_, (metrics, codes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(step))
+    if self.t.kind == "vq" and self.t.quantizer == "vq":
+      # EMA cluster sizes (and codebook with ema) from this batch, then dead-code restarts.
+      z, indices = codes
+      model = nnx.merge(self.graphdef, params, stats)
+      model.quantizer.ema_update(z, indices)
+      _, params, stats = nnx.split(model, nnx.Param, QuantizerStat)
+    if self.restarts:
+      model = nnx.merge(self.graphdef, params, stats)
+      dead = model.quantizer.restart_dead_codes(z, jax.random.fold_in(rng, 1),
+                                                self.t.dead_code_threshold)
+      now = (step + 1) % self.t.restart_every == 0
+      _, new_params, new_stats = nnx.split(model, nnx.Param, QuantizerStat)
+      pick = lambda new, old: jnp.where(now, new, old)
+      params, stats = jax.tree.map(pick, new_params, params), jax.tree.map(pick, new_stats, stats)
+      metrics["restarted"] = jnp.where(now, dead.sum(), 0).astype(jnp.float32)
+    return {"params": params, "stats": stats, "opt_state": opt_state, "step": step + 1}, metrics
+
+  def _reconstruct(self, params, stats, images):
+    """uint8 images -> (uint8 reconstructions, code indices or None); deterministic."""
+    model = nnx.merge(self.graphdef, params, stats)
+    x = to_float(images)
+    if self.t.kind == "vae":
+      mean, _ = model.encode(x)
+      return to_uint8(model.decode(mean)), None
+    q = model.quantizer(model.encode(x))
+    return to_uint8(model.decode(q["z_q"])), q["indices"]
+
+  def device_batch(self, images):
+    return jax.make_array_from_process_local_data(self.batch_sharding, images)
+
+
+def shapes_images(rng, n, image_size, two_object_prob):
+  """uint8 [n, S, S, 3]: Shapes scenes of one object, or two with `two_object_prob`."""
+  return np.stack([render(random_scene(rng, 2 if rng.random() < two_object_prob else 1), image_size)
+                   for _ in range(n)])
+
+
+def train_batch(cfg, step):
+  """The deterministic training batch number `step`."""
+  rng = np.random.default_rng((0, int(cfg.seed), int(step)))
+  return shapes_images(rng, cfg.data.batch_size, cfg.data.image_size, cfg.data.two_object_prob)
+
+
+def eval_images(cfg):
+  rng = np.random.default_rng((1, int(cfg.tokenizer.eval_seed)))
+  return shapes_images(rng, cfg.tokenizer.eval_images, cfg.data.image_size,
+                       cfg.data.two_object_prob)
+
+
+def evaluate(trainer, state, cfg):
+  """Held-out PSNR (dB, uint8 images; from the MSE over all eval pixels), and for vq the
+  codebook usage (distinct codes / codebook size) and perplexity over all eval tokens."""
+  images = eval_images(cfg)
+  bs, n = cfg.data.batch_size, len(images)
+  padded = np.concatenate([images, images[:(-n) % bs]]) if n % bs else images
+  recs, idx = [], []
+  for i in range(0, len(padded), bs):
+    r, codes = trainer.reconstruct(state["params"], state["stats"], padded[i:i + bs])
+    recs.append(np.asarray(r))
+    if codes is not None:
+      idx.append(np.asarray(codes))
+  recs = np.concatenate(recs)[:n].astype(np.float64)
+  mse_img = np.mean((recs - images.astype(np.float64)) ** 2, axis=(1, 2, 3))
+  out = {"step": int(state["step"]), "eval_images": n,
+         "psnr": float(10 * np.log10(255.0 ** 2 / max(mse_img.mean(), 1e-10))),
+         "psnr_per_image_mean": float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse_img, 1e-10)))),
+         "mse": float(mse_img.mean())}
+  if idx:
+    flat = np.concatenate(idx)[:n].reshape(-1)
+    _, counts = np.unique(flat, return_counts=True)
+    p = counts / counts.sum()
+    num_codes = _num_codes(cfg.tokenizer)
+    out.update(codes_used=int(len(counts)), num_codes=int(num_codes),
+               usage=float(len(counts) / num_codes), perplexity=float(np.exp(-np.sum(p * np.log(p)))))
+  return out
+
+
+def _num_codes(t):
+  if t.quantizer == "vq":
+    return int(t.num_codes)
+  if t.quantizer == "fsq":
+    return int(np.prod(t.fsq_levels))
+  return 2 ** int(t.code_dim)
+
+
+def _print(line):
+  print(line, flush=True)
+
+
+def train(cfg, workdir, devices=None, log=_print):
+  """Trains in `workdir` (continuing from its latest checkpoint), evaluates, writes eval.json."""
+  check_config(cfg)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json(indent=1))
+  mesh = shd.make_mesh(cfg.mesh, devices)
+  trainer = AutoencoderTrainer(cfg, mesh)
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_ckpts, create=True))
+  latest = manager.latest_step()
+  if latest is None:
+    state = trainer.init()
+  else:
+    state = manager.restore(latest, args=ocp.args.StandardRestore(trainer.abstract_state))
+  tc, steps = cfg.train, cfg.train.steps
+  start = step = int(state["step"])
+  log(f"step {start} of {steps}; {cfg.tokenizer.kind}"
+      f"{'/' + cfg.tokenizer.quantizer if cfg.tokenizer.kind == 'vq' else ''}; "
+      f"workdir {workdir}")
+  rng = jax.random.key(cfg.seed)
+  writer = None
+  if start < steps and jax.process_index() == 0:
+    from tensorboardX import SummaryWriter
+    writer = SummaryWriter(os.path.join(workdir, "tb"))
+  t0 = time.time()
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as metrics_file:
+      while step < steps:
+        state, metrics = trainer.step(state, trainer.device_batch(train_batch(cfg, step)), rng)
+        step += 1
+        out_of_time = tc.time_limit_s > 0 and time.time() - t0 > tc.time_limit_s
+        if step % tc.log_every == 0 or step == steps or out_of_time or step == start + 1:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          m.update(step=step, steps_per_s=(step - start) / (time.time() - t0))
+          metrics_file.write(json.dumps(m) + "\n")
+          metrics_file.flush()
+          log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in m.items()))
+          if writer is not None:
+            for k, v in m.items():
+              writer.add_scalar(f"train/{k}", v, step)
+        if step % tc.ckpt_every == 0 or step == steps or out_of_time:
+          manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        if out_of_time:
+          log(f"stopping at step {step}: train.time_limit_s={tc.time_limit_s:g} reached")
+          break
+  finally:
+    if writer is not None:
+      writer.close()
+    manager.wait_until_finished()
+    manager.close()
+  result = evaluate(trainer, state, cfg)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  log("eval: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in result.items()))
+  return state, result
+
+
+def main(argv):
+  from unimm.config import parse_args
+  cfg, opts = parse_args(argv, flags=("workdir",), switches=(),
+                         default_config=lambda _: default_config())
+  if not opts["workdir"]:
+    raise UserError("--workdir DIR is required")
+  train(cfg, opts["workdir"])
+
+
+if __name__ == "__main__":
+  cli(main)
