@@ -19,7 +19,7 @@ def tiny(kind="vae", quantizer="vq", steps=8):
   c.mesh.data = 1
   c.tokenizer.update(kind=kind, quantizer=quantizer, block_out_channels=(8, 16),
                      norm_num_groups=4, num_codes=64, code_dim=4, fsq_levels=(4, 4, 4),
-                     eval_images=8, dead_code_threshold=0.5)
+                     eval_images=4, dead_code_threshold=0.5)
   return c
 
 
