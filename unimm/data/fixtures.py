@@ -6,9 +6,9 @@ caller can inject any bad image; `bad_images()` holds one of each kind and
 `shapes_pairs()` makes good ones from the built-in Shapes world.
 
     pairs = shapes_pairs(100)
-    write_img2dataset("/tmp/laion/00000.parquet",
+    write_img2dataset("runs/data/laion/00000.parquet",
                       [{"image": png, "caption": cap} for png, cap in pairs])
-    # python -m unimm.data.convert --format img2dataset --input /tmp/laion --output /tmp/out
+    # python -m unimm.data.convert --format img2dataset --input runs/data/laion --output runs/data/pairs
 
 As a command, it writes Shapes-world samples in a public format (what the
 mixture demo converts and trains on):
