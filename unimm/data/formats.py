@@ -434,37 +434,30 @@ def _edit(rec, source, instruction, target, meta):
                        rec.image(target, "target")], meta)
 
 
-def _instructpix2pix(input_path, images_dir, max_pixels, stats):
-  """HF parquet of timbrooks/instructpix2pix-*: `original_prompt`,
-  `original_image`, `edit_prompt`, `edited_prompt`, `edited_image`."""
-  del images_dir
-  files = _parquet_files(input_path, ["original_image", "edit_prompt", "edited_image"],
-                         "instructpix2pix")
+def _hf_edits(fmt, source, instruction, target):
+  """A reader of HF edit parquet whose columns `source`, `instruction`,
+  `target` make the edit document; every other scalar column goes to meta."""
 
-  def build(rec, row):
-    return _edit(rec, row["original_image"], row["edit_prompt"], row["edited_image"],
-                 _scalar_meta(row, ("edit_prompt",)))
+  def read(input_path, images_dir, max_pixels, stats):
+    del images_dir
+    files = _parquet_files(input_path, [source, instruction, target], fmt)
 
-  def rows():
-    for path, _ in files:
-      yield from _each(_parquet_rows(path), build, max_pixels, stats)
-  return rows()
+    def build(rec, row):
+      return _edit(rec, row[source], row[instruction], row[target],
+                   _scalar_meta(row, (instruction,)))
+
+    def rows():
+      for path, _ in files:
+        yield from _each(_parquet_rows(path), build, max_pixels, stats)
+    return rows()
+  return read
 
 
-def _hq_edit(input_path, images_dir, max_pixels, stats):
-  """HF parquet of UCSC-VLAA/HQ-Edit: `input`, `input_image`, `edit`,
-  `inverse_edit`, `output`, `output_image`."""
-  del images_dir
-  files = _parquet_files(input_path, ["input_image", "edit", "output_image"], "hq_edit")
-
-  def build(rec, row):
-    return _edit(rec, row["input_image"], row["edit"], row["output_image"],
-                 _scalar_meta(row, ("edit",)))
-
-  def rows():
-    for path, _ in files:
-      yield from _each(_parquet_rows(path), build, max_pixels, stats)
-  return rows()
+# timbrooks/instructpix2pix-clip-filtered: original_prompt, original_image,
+# edit_prompt, edited_prompt, edited_image.
+_instructpix2pix = _hf_edits("instructpix2pix", "original_image", "edit_prompt", "edited_image")
+# UCSC-VLAA/HQ-Edit: input, input_image, edit, inverse_edit, output, output_image.
+_hq_edit = _hf_edits("hq_edit", "input_image", "edit", "output_image")
 
 
 # ------------------------------------------------------------- interleaved

@@ -38,6 +38,7 @@ from unimm.errors import UserError, cli
 from unimm.models.quantizers import FSQ, LFQ, QuantizerStat, VectorQuantizer
 from unimm.models.vae import AutoencoderKL, Conv, Decoder, Encoder, VAEConfig
 from unimm.parallel import sharding as shd
+from unimm.train.loop import summary_writer
 from unimm.train.step import make_optimizer
 
 KINDS = ("vae", "vq")
@@ -344,10 +345,7 @@ def train(cfg, workdir, devices=None, log=_print):
       f"{'/' + cfg.tokenizer.quantizer if cfg.tokenizer.kind == 'vq' else ''}; "
       f"workdir {workdir}")
   rng = jax.random.key(cfg.seed)
-  writer = None
-  if start < steps and jax.process_index() == 0:
-    from tensorboardX import SummaryWriter
-    writer = SummaryWriter(os.path.join(workdir, "tb"))
+  writer = summary_writer(os.path.join(workdir, "tb")) if start < steps else None
   t0 = time.time()
   try:
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as metrics_file:

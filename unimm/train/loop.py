@@ -69,7 +69,7 @@ class Run:
     start = int(state["step"])
     if start >= steps:
       return state
-    writer = _summary_writer(os.path.join(self.workdir, "tb"))
+    writer = summary_writer(os.path.join(self.workdir, "tb"))
     metrics_file = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
     t0 = time.time()
     step = start
@@ -105,7 +105,8 @@ class Run:
     return state
 
 
-def _summary_writer(path):
+def summary_writer(path):
+  """A TensorBoard writer on process 0 (None elsewhere)."""
   if jax.process_index() != 0:
     return None
   from tensorboardX import SummaryWriter
