@@ -123,6 +123,40 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def tokenizer_defaults() -> ml_collections.ConfigDict:
+  """The `tokenizer` section of image-tokenizer configs (`python -m unimm.train.autoencoder`),
+  every field with its meaning; saved in a tokenizer workdir's config.json."""
+  t = ml_collections.ConfigDict()
+  t.kind = "vae"                 # "vae" (KL autoencoder) or "vq" (quantized, see `quantizer`)
+  # encoder / decoder (unimm.models.vae layout); downsampling f = 2^(len(block_out_channels) - 1)
+  t.block_out_channels = (32, 64)
+  t.layers_per_block = 1
+  t.latent_channels = 4          # vae: latent channels; vq: decoder input channels
+  t.norm_num_groups = 8
+  # losses
+  t.rec_loss = "l1"              # "l1" or "l2" on images in [-1, 1]
+  t.kl_weight = 1e-5             # vae: loss = rec + kl_weight * KL (KL averaged over latent elements)
+  t.quantizer_weight = 1.0       # vq: loss = rec + quantizer_weight * quantizer loss
+  # quantizer (kind "vq"): the encoder's 2*latent outputs go through a 1x1 conv to the code dim
+  t.quantizer = "vq"             # "vq", "fsq" or "lfq"
+  t.num_codes = 1024             # vq codebook size
+  t.code_dim = 8                 # vq code dim; lfq: bits (2^code_dim codes)
+  t.beta = 0.25                  # vq commitment weight
+  t.l2_normalize = True          # vq: cosine-distance lookup on l2-normalised codes
+  t.ema = True                   # vq: codebook by EMA (not by gradients)
+  t.decay = 0.99                 # vq: EMA decay of cluster sizes (and codebook with ema)
+  t.dead_code_threshold = 0.1    # vq: codes whose EMA cluster size (codes per batch) is below are
+                                 # restarted from this batch's encoder outputs; 0: never
+  t.restart_every = 1            # vq: steps between dead-code restarts
+  t.fsq_levels = (8, 5, 5, 5)    # fsq: levels per channel (code dim = len, codes = product)
+  t.lfq_entropy_weight = 0.1
+  t.lfq_commitment_weight = 0.25
+  # evaluation
+  t.eval_images = 512            # held-out images
+  t.eval_seed = 1234
+  return t
+
+
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A config saved by an earlier run (workdir/config.json) laid over today's defaults,
   so that fields added since then take their default values."""

@@ -32,51 +32,17 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from unimm.config import defaults
+from unimm.config import defaults, tokenizer_defaults
 from unimm.data.shapes import random_scene, render
 from unimm.errors import UserError, cli
-from unimm.models.quantizers import FSQ, LFQ, QuantizerStat, VectorQuantizer
-from unimm.models.vae import AutoencoderKL, Conv, Decoder, Encoder, VAEConfig
+from unimm.models.autoencoder import (KINDS, QUANTIZERS, build_tokenizer, check_shapes, num_codes,
+                                      to_float, to_uint8)
+from unimm.models.quantizers import QuantizerStat
 from unimm.parallel import sharding as shd
 from unimm.train.loop import summary_writer
 from unimm.train.step import make_optimizer
 
-KINDS = ("vae", "vq")
-QUANTIZERS = ("vq", "fsq", "lfq")
 REC_LOSSES = ("l1", "l2")
-
-
-def tokenizer_defaults() -> ml_collections.ConfigDict:
-  """The `tokenizer` config section, every field with its meaning."""
-  t = ml_collections.ConfigDict()
-  t.kind = "vae"                 # "vae" (KL autoencoder) or "vq" (quantized, see `quantizer`)
-  # encoder / decoder (unimm.models.vae layout); downsampling f = 2^(len(block_out_channels) - 1)
-  t.block_out_channels = (32, 64)
-  t.layers_per_block = 1
-  t.latent_channels = 4          # vae: latent channels; vq: decoder input channels
-  t.norm_num_groups = 8
-  # losses
-  t.rec_loss = "l1"              # "l1" or "l2" on images in [-1, 1]
-  t.kl_weight = 1e-5             # vae: loss = rec + kl_weight * KL (KL averaged over latent elements)
-  t.quantizer_weight = 1.0       # vq: loss = rec + quantizer_weight * quantizer loss
-  # quantizer (kind "vq"): the encoder's 2*latent outputs go through a 1x1 conv to the code dim
-  t.quantizer = "vq"             # "vq", "fsq" or "lfq"
-  t.num_codes = 1024             # vq codebook size
-  t.code_dim = 8                 # vq code dim; lfq: bits (2^code_dim codes)
-  t.beta = 0.25                  # vq commitment weight
-  t.l2_normalize = True          # vq: cosine-distance lookup on l2-normalised codes
-  t.ema = True                   # vq: codebook by EMA (not by gradients)
-  t.decay = 0.99                 # vq: EMA decay of cluster sizes (and codebook with ema)
-  t.dead_code_threshold = 0.1    # vq: codes whose EMA cluster size (codes per batch) is below are
-                                 # restarted from this batch's encoder outputs; 0: never
-  t.restart_every = 1            # vq: steps between dead-code restarts
-  t.fsq_levels = (8, 5, 5, 5)    # fsq: levels per channel (code dim = len, codes = product)
-  t.lfq_entropy_weight = 0.1
-  t.lfq_commitment_weight = 0.25
-  # evaluation
-  t.eval_images = 512            # held-out images
-  t.eval_seed = 1234
-  return t
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -102,54 +68,6 @@ def check_config(cfg):
                     f"factor {f} of tokenizer.block_out_channels={tuple(t.block_out_channels)}")
   if cfg.data.batch_size < 1 or t.eval_images < 1 or t.restart_every < 1:
     raise UserError("data.batch_size, tokenizer.eval_images and tokenizer.restart_every must be >= 1")
-
-
-def vae_config(t) -> VAEConfig:
-  return VAEConfig(block_out_channels=tuple(t.block_out_channels),
-                   layers_per_block=int(t.layers_per_block), latent_channels=int(t.latent_channels),
-                   norm_num_groups=int(t.norm_num_groups), scaling_factor=1.0)
-
-
-def build_quantizer(t, rngs):
-  if t.quantizer == "vq":
-    return VectorQuantizer(t.num_codes, t.code_dim, beta=t.beta, l2_normalize=t.l2_normalize,
-                           ema=t.ema, decay=t.decay, rngs=rngs)
-  if t.quantizer == "fsq":
-    return FSQ(t.fsq_levels)
-  return LFQ(t.code_dim, entropy_weight=t.lfq_entropy_weight,
-             commitment_weight=t.lfq_commitment_weight)
-
-
-class VQAutoencoder(nnx.Module):
-  """Encoder -> 1x1 conv to the code dim -> quantizer -> 1x1 conv to latent -> Decoder."""
-
-  def __init__(self, t, *, rngs):
-    vcfg = vae_config(t)
-    self.encoder = Encoder(vcfg, rngs=rngs)
-    self.quantizer = build_quantizer(t, rngs)
-    self.quant_conv = Conv(2 * vcfg.latent_channels, self.quantizer.dim, 1, rngs=rngs)
-    self.post_quant_conv = Conv(self.quantizer.dim, vcfg.latent_channels, 1, rngs=rngs)
-    self.decoder = Decoder(vcfg, rngs=rngs)
-
-  def encode(self, x):
-    """x [B, H, W, 3] in [-1, 1] -> quantizer inputs [B, H/f, W/f, code dim]."""
-    return self.quant_conv(self.encoder(x))
-
-  def decode(self, z_q):
-    return self.decoder(self.post_quant_conv(z_q))
-
-
-def build_tokenizer(t, rngs):
-  return AutoencoderKL(vae_config(t), rngs=rngs) if t.kind == "vae" else VQAutoencoder(t, rngs=rngs)
-
-
-def to_float(images):
-  """uint8 [..., 3] -> float32 in [-1, 1]."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def to_uint8(x):
-  return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def forward(model, images, rng, t, train):
@@ -251,12 +169,13 @@ class AutoencoderTrainer:
     return {"params": params, "stats": stats, "opt_state": opt_state, "step": step + 1}, metrics
 
   def _reconstruct(self, params, stats, images):
-    """uint8 images -> (uint8 reconstructions, code indices or None); deterministic."""
+    """uint8 images -> (uint8 reconstructions, code indices (vq) or latent means (vae));
+    deterministic."""
     model = nnx.merge(self.graphdef, params, stats)
     x = to_float(images)
     if self.t.kind == "vae":
       mean, _ = model.encode(x)
-      return to_uint8(model.decode(mean)), None
+      return to_uint8(model.decode(mean)), mean
     q = model.quantizer(model.encode(x))
     return to_uint8(model.decode(q["z_q"])), q["indices"]
 
@@ -283,8 +202,10 @@ def eval_images(cfg):
 
 
 def evaluate(trainer, state, cfg):
-  """Held-out PSNR (dB, uint8 images; from the MSE over all eval pixels), and for vq the
-  codebook usage (distinct codes / codebook size) and perplexity over all eval tokens."""
+  """Held-out PSNR (dB, uint8 images; from the MSE over all eval pixels); for vq the
+  codebook usage (distinct codes / codebook size) and perplexity over all eval tokens; for
+  vae the mean and standard deviation of the latents (the shift and 1 / scale with which
+  the unified model's latent slot normalises them, as Stable Diffusion's scaling factor)."""
   images = eval_images(cfg)
   bs, n = cfg.data.batch_size, len(images)
   padded = np.concatenate([images, images[:(-n) % bs]]) if n % bs else images
@@ -292,30 +213,24 @@ def evaluate(trainer, state, cfg):
   for i in range(0, len(padded), bs):
     r, codes = trainer.reconstruct(state["params"], state["stats"], padded[i:i + bs])
     recs.append(np.asarray(r))
-    if codes is not None:
-      idx.append(np.asarray(codes))
+    idx.append(np.asarray(codes))
   recs = np.concatenate(recs)[:n].astype(np.float64)
   mse_img = np.mean((recs - images.astype(np.float64)) ** 2, axis=(1, 2, 3))
   out = {"step": int(state["step"]), "eval_images": n,
          "psnr": float(10 * np.log10(255.0 ** 2 / max(mse_img.mean(), 1e-10))),
          "psnr_per_image_mean": float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse_img, 1e-10)))),
          "mse": float(mse_img.mean())}
-  if idx:
+  if cfg.tokenizer.kind == "vae":
+    latents = np.concatenate(idx)[:n].astype(np.float64)
+    out.update(latent_mean=float(latents.mean()), latent_std=float(latents.std()))
+  else:
     flat = np.concatenate(idx)[:n].reshape(-1)
     _, counts = np.unique(flat, return_counts=True)
     p = counts / counts.sum()
-    num_codes = _num_codes(cfg.tokenizer)
-    out.update(codes_used=int(len(counts)), num_codes=int(num_codes),
-               usage=float(len(counts) / num_codes), perplexity=float(np.exp(-np.sum(p * np.log(p)))))
+    n_codes = num_codes(cfg.tokenizer)
+    out.update(codes_used=int(len(counts)), num_codes=n_codes,
+               usage=float(len(counts) / n_codes), perplexity=float(np.exp(-np.sum(p * np.log(p)))))
   return out
-
-
-def _num_codes(t):
-  if t.quantizer == "vq":
-    return int(t.num_codes)
-  if t.quantizer == "fsq":
-    return int(np.prod(t.fsq_levels))
-  return 2 ** int(t.code_dim)
 
 
 def _print(line):
@@ -332,12 +247,15 @@ def train(cfg, workdir, devices=None, log=_print):
   mesh = shd.make_mesh(cfg.mesh, devices)
   trainer = AutoencoderTrainer(cfg, mesh)
   manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
+      os.path.join(workdir, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_ckpts, create=True))
   latest = manager.latest_step()
   if latest is None:
     state = trainer.init()
   else:
+    meta = manager.item_metadata(latest)
+    check_shapes(getattr(meta, "tree", meta), trainer.abstract_state,
+                 f"checkpoint {workdir}/checkpoints/{latest}")
     state = manager.restore(latest, args=ocp.args.StandardRestore(trainer.abstract_state))
   tc, steps = cfg.train, cfg.train.steps
   start = step = int(state["step"])
