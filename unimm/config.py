@@ -49,7 +49,15 @@ def defaults() -> ml_collections.ConfigDict:
       heads=4,             # attention heads (head_dim = width // heads)
       mlp_dim=768,         # SwiGLU hidden width
       patch_size=8,        # image patch side in pixels (image tokenizer "pixels")
-      image_tokenizer="pixels",
+      image_tokenizer="pixels",  # image tokens: "pixels" (patches), "vae" (latent patches) or "vq" (codes)
+      tokenizer_path="",   # vae / vq: workdir of a tokenizer trained by python -m unimm.train.autoencoder
+      latent_patch=2,      # vae: latents per token side (a token covers f * latent_patch pixels)
+      image_loss="flow",   # target images: "flow" (pixels, vae), "next_token" (vq: Chameleon / Emu3
+                           # early fusion) or "masked" (vq: MaskGIT masked-token prediction)
+      understanding="shared",  # condition images: "shared" (the image tokenizer) or "pixels"
+                           # (vq only, Janus-Pro: pixel patches of model.patch_size into a ViT)
+      vit_depth=0,         # understanding="pixels": bidirectional blocks over each condition image
+      mask_loss_weight=1.0,  # masked: loss = text ce + this * masked-token ce
       prediction="x0",     # "x0": network predicts the clean image, converted to velocity; "velocity"
       rope_theta=10_000.0,
       image_rope_2d=False, # image patches also rotate by (row, col) in half of each head's dims
@@ -111,6 +119,9 @@ def defaults() -> ml_collections.ConfigDict:
       temperature=0.0,     # 0: greedy text decoding
       top_p=0.9,
       max_new_tokens=64,
+      image_temperature=1.0,  # vq: sampling temperature of image codes
+      image_top_k=0,       # vq: sample codes among the k most likely (0: all)
+      mask_steps=12,       # masked: parallel decoding steps (cosine schedule of masked tokens)
   )
   c.eval = dict(
       seed=1234,
@@ -151,6 +162,17 @@ def tokenizer_defaults() -> ml_collections.ConfigDict:
   t.fsq_levels = (8, 5, 5, 5)    # fsq: levels per channel (code dim = len, codes = product)
   t.lfq_entropy_weight = 0.1
   t.lfq_commitment_weight = 0.25
+  # adversarial loss (taming-transformers VQGAN): PatchGAN discriminator with GroupNorm (no BatchNorm)
+  t.disc_weight = 0.0            # generator loss weight (times the adaptive weight); 0: no discriminator
+  t.disc_start = 0               # step from which the discriminator trains and its generator loss is added
+  t.disc_layers = 2              # stride-2 conv layers of the PatchGAN (taming: 3; 2 suits 32x32 images)
+  t.disc_channels = 32           # width of the first discriminator conv (doubling per layer, at most 8x)
+  t.disc_norm = "group"          # "group" (GroupNorm) or "none"
+  t.disc_loss = "hinge"          # "hinge" or "vanilla" (softplus) discriminator loss
+  t.disc_lr = 0.0                # discriminator Adam (b1 0.5, b2 0.9) learning rate; 0: optim.lr
+  # perceptual loss: LPIPS-style net read from a local file (layout: unimm.models.perceptual)
+  t.perceptual_weight = 0.0      # loss += perceptual_weight * LPIPS(rec, x); 0: off
+  t.perceptual_weights = ""      # .safetensors / .npz path of converted LPIPS/VGG weights (never downloaded)
   # evaluation
   t.eval_images = 512            # held-out images
   t.eval_seed = 1234

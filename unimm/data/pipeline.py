@@ -95,9 +95,20 @@ def encode_document(doc, tok, patcher, *, add_eos=True, seq_len=None):
     elif kind == "image":
       num_images += 1
       target = seg.get("role") == "target"
-      patches, index = _encode_image(seg["image"], patcher, task, k)
       runs.special(tok.boi_id, loss=target)
-      runs.image(patches, index, num_images, NOISED_IMAGE if target else CLEAN_IMAGE)
+      modality = NOISED_IMAGE if target else CLEAN_IMAGE
+      coder = patcher
+      if getattr(patcher, "understanding", None) is not None and not target:
+        coder = patcher.understanding  # Janus-Pro: condition images as pixel patches
+      if getattr(coder, "discrete", False):
+        ids, index = _encode_image(seg, coder, task, k)
+        if coder.causal:  # early fusion: codes are tokens like text, next-token loss on targets
+          runs.codes(ids, index, 0, TEXT, loss=target)
+        else:
+          runs.codes(ids, index, num_images, modality, loss=False)
+      else:
+        patches, index = _encode_image(seg, coder, task, k)
+        runs.image(patches, index, num_images, modality)
       runs.special(tok.eoi_id, loss=False)
       ends_in_target = target
     else:
@@ -116,9 +127,23 @@ def encode_document(doc, tok, patcher, *, add_eos=True, seq_len=None):
   return out
 
 
-def _encode_image(image, patcher, task, k):
-  """Checks one image (dtype, size, channels) and cuts it into patches."""
+def _encode_image(seg, patcher, task, k):
+  """One image segment -> (patches [N, D] or code ids [N], patch_index [N]).
+
+  Checks the image (dtype, size, channels) and tokenizes it; a segment from a
+  latent cache (`latent`: the tokenizer's output, see unimm.tokenize) is only
+  cut into tokens."""
   what = f"document (task {task!r}) segment {k} image"
+  if "latent" in seg:
+    if not hasattr(patcher, "from_latent"):
+      raise UserError(f"{what} is a cached latent but model.image_tokenizer is 'pixels': "
+                      "train on the source images, or set model.image_tokenizer to the cache's")
+    tokens = patcher.from_latent(seg["latent"])
+    if len(tokens) != patcher.num_patches:
+      raise UserError(f"{what}: the cached latent has {len(tokens)} tokens, the config "
+                      f"{patcher.num_patches}: encode the cache at data.image_size")
+    return tokens, patcher.patch_index(patcher.grid, patcher.grid)
+  image = seg["image"]
   dtype = getattr(image, "dtype", None)
   if dtype != np.uint8:
     raise UserError(
@@ -126,8 +151,10 @@ def _encode_image(image, patcher, task, k):
         "convert it with np.asarray(image).astype(np.uint8)")
   patcher.check(image, what=what)
   rows, cols = image.shape[0] // patcher.patch_size, image.shape[1] // patcher.patch_size
-  return (np.asarray(patcher.encode(image), dtype=np.float32),
-          patcher.patch_index(rows, cols))
+  out = patcher.encode(image)
+  if not getattr(patcher, "discrete", False):
+    out = np.asarray(out, dtype=np.float32)
+  return out, patcher.patch_index(rows, cols)
 
 
 class _Runs:
@@ -156,6 +183,12 @@ class _Runs:
     self.ids.extend([self.pad_id] * len(patches))
     self.runs.append((len(patches), False, modality, image_id))
 
+  def codes(self, ids, index, image_id, modality, loss):
+    """An image as discrete token ids (vq codes): tokens, no patches."""
+    self.images.append((len(self.ids), None, index))
+    self.ids.extend(int(i) for i in ids)
+    self.runs.append((len(ids), loss, modality, image_id))
+
   def finish(self):
     n = len(self.ids)
     tokens = np.array(self.ids, np.int32)
@@ -171,8 +204,9 @@ class _Runs:
     patches = np.zeros((n, self.patch_dim), np.float32)
     patch_index = np.zeros(n, np.int32)
     for start, p, index in self.images:
-      patches[start:start + len(p)] = p
-      patch_index[start:start + len(p)] = index
+      if p is not None:
+        patches[start:start + len(p)] = p
+      patch_index[start:start + len(index)] = index
     return {
         "tokens": tokens, "targets": targets, "loss_mask": loss_mask,
         "patches": patches, "modality": modality,
@@ -298,8 +332,31 @@ def make_sources(cfg):
                          two_object_prob=d.two_object_prob)
     else:
       src = ConvertedSource(location)
+      check_latent_cache(location, cfg)
     out[name] = (src, weight)
   return out
+
+
+def check_latent_cache(location, cfg):
+  """A latent cache (written by `python -m unimm.tokenize encode`) streams only into
+  a model whose image tokenizer made it: same tokenizer workdir and image size."""
+  try:
+    with open(os.path.join(location, records.INFO_FILE)) as f:
+      made = json.load(f).get("tokenizer")
+  except (OSError, ValueError):
+    return
+  if not made:
+    return
+  m = cfg.model
+  want = os.path.abspath(m.tokenizer_path) if m.tokenizer_path else ""
+  if m.image_tokenizer != made.get("kind") or want != os.path.abspath(made.get("workdir", "")):
+    raise UserError(
+        f"data source {location} is a latent cache of the {made.get('kind')} tokenizer in "
+        f"{made.get('workdir')}; this run has model.image_tokenizer='{m.image_tokenizer}', "
+        f"model.tokenizer_path='{m.tokenizer_path}': set them to the cache's tokenizer")
+  if int(made.get("image_size", 0)) != int(cfg.data.image_size):
+    raise UserError(f"data source {location} was encoded at image size {made.get('image_size')}; "
+                    f"set data.image_size={made.get('image_size')}")
 
 
 # ------------------------------------------------------------ record loading
@@ -348,7 +405,11 @@ class _Load(grain.transforms.Map):
   def _decode(self, doc):
     segments = []
     for seg in doc["segments"]:
-      if seg["kind"] == "image":
+      if seg["kind"] == "image" and "latent" in seg:  # a latent cache: already tokenized
+        lat = seg["latent"]
+        seg = {"kind": "image", "role": seg.get("role", "condition"),
+               "latent": np.frombuffer(lat["data"], np.dtype(lat["dtype"])).reshape(lat["shape"])}
+      elif seg["kind"] == "image":
         seg = {"kind": "image", "role": seg.get("role", "condition"),
                "image": records.decode_image(seg["bytes"], bucket=self.patcher.bucket_size)}
       segments.append(seg)

@@ -215,26 +215,37 @@ def as_text(value):
 
 
 def pack(doc) -> bytes:
-  """A document whose image segments hold `bytes` -> one record."""
+  """A document whose image segments hold `bytes` (the encoded image) and/or `latent`
+  (a tokenizer's output, {"dtype", "shape", "data"}: a latent cache) -> one record."""
   segments = []
   for seg in doc["segments"]:
     if seg["kind"] == "text":
       segments.append({"kind": "text", "text": seg["text"], "loss": bool(seg.get("loss", True))})
     else:
-      segments.append({"kind": "image", "bytes": bytes(seg["bytes"]), "role": seg["role"]})
+      out = {"kind": "image", "role": seg["role"]}
+      if "bytes" in seg:
+        out["bytes"] = bytes(seg["bytes"])
+      if "latent" in seg:
+        lat = seg["latent"]
+        out["latent"] = {"dtype": str(lat["dtype"]), "shape": [int(n) for n in lat["shape"]],
+                         "data": bytes(lat["data"])}
+      if len(out) == 2:
+        raise ValueError("an image segment needs 'bytes' or 'latent'")
+      segments.append(out)
   return msgpack.packb({"v": VERSION, "task": doc["task"], "segments": segments,
                         "meta": doc.get("meta") or {}}, use_bin_type=True)
 
 
 def unpack(record: bytes) -> dict:
-  """One record -> document dict (image segments hold "bytes").
+  """One record -> document dict (image segments hold "bytes" and/or "latent").
   Raises Skip("malformed_record") for anything that is not such a record."""
   try:
     doc = msgpack.unpackb(record, raw=False)
     segments = doc["segments"]
     if not isinstance(segments, list) or not all(
         s["kind"] == "text" and isinstance(s["text"], str)
-        or s["kind"] == "image" and isinstance(s["bytes"], bytes) for s in segments):
+        or s["kind"] == "image" and (isinstance(s.get("bytes"), bytes) or isinstance(
+            s.get("latent", {}).get("data"), bytes)) for s in segments):
       raise ValueError("bad segments")
   except Exception as e:
     raise Skip("malformed_record", f"{type(e).__name__}: {e}") from None

@@ -165,6 +165,9 @@ class TrainedAutoencoder:
     self._encode = jax.jit(self._encode_fn)
     self._decode = jax.jit(self._decode_fn)
 
+  def __reduce__(self):  # Grain worker processes reload it from the workdir
+    return (load_autoencoder, (self.workdir,))
+
   def _encode_fn(self, images):
     x = to_float(images)
     if self.kind == "vae":

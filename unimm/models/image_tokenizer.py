@@ -16,6 +16,7 @@ k of an image sits at (row, col) = divmod(k, cols) and enters the model as
 """
 
 import math
+import os
 
 import numpy as np
 
@@ -101,11 +102,172 @@ def aspect_buckets(grid: int, max_aspect: float = 1.0):
   return sorted(out)
 
 
+IMAGE_TOKENIZERS = ("pixels", "vae", "vq")
+
+
+class LatentPatches:
+  """KL-VAE latents as the image tokens: the image is encoded by a trained VAE
+  (`unimm.models.autoencoder`, f-fold downsampling, c normalised channels) and
+  its latent grid cut into q x q patches (q = model.latent_patch), so a token
+  covers f*q pixels (`patch_size`) and carries q*q*c values (`patch_dim`).
+  Same interface as PixelPatches; encode / decode run the VAE (numpy in and out)."""
+
+  def __init__(self, vae, image_size: int, latent_patch: int):
+    self.vae, self.q = vae, int(latent_patch)
+    self.f = vae.factor
+    self.pixels = PixelPatches(image_size, self.f * self.q)  # the token geometry
+    for k in ("image_size", "patch_size", "grid", "num_patches", "buckets", "max_rows",
+              "max_cols", "num_positions"):
+      setattr(self, k, getattr(self.pixels, k))
+    self.channels = vae.channels
+    self.patch_dim = self.q * self.q * self.channels
+    self.latent = PixelPatches(image_size // self.f, self.q, channels=self.channels)
+
+  def __reduce__(self):
+    return (LatentPatches, (self.vae, self.image_size, self.q))
+
+  def bucket_size(self, aspect):
+    return self.pixels.bucket_size(aspect)
+
+  def patch_index(self, rows, cols):
+    return self.pixels.patch_index(rows, cols)
+
+  def check(self, image, what="image"):
+    self.pixels.check(image, what)
+
+  def from_latent(self, z):
+    """Latents [h, w, c] (e.g. from a latent cache) -> [N, q*q*c] tokens."""
+    z = np.asarray(z, np.float32)
+    h, w = z.shape[0] // self.q, z.shape[1] // self.q
+    z = z.reshape(h, self.q, w, self.q, self.channels).transpose(0, 2, 1, 3, 4)
+    return z.reshape(h * w, self.patch_dim)
+
+  def encode(self, images, xp=np):
+    self.check(images)
+    images = np.asarray(images)
+    single = images.ndim == 3
+    z = self.vae.encode(images[None] if single else images)
+    out = np.stack([self.from_latent(x) for x in z])
+    return out[0] if single else out
+
+  def decode(self, patches, xp=np, grid=None):
+    rows, cols = grid or (self.grid, self.grid)
+    x = np.asarray(patches, np.float32)
+    lead = x.shape[:-2]
+    x = x.reshape(-1, rows, cols, self.q, self.q, self.channels).transpose(0, 1, 3, 2, 4, 5)
+    z = x.reshape(-1, rows * self.q, cols * self.q, self.channels)
+    return self.vae.decode(z).reshape(*lead, rows * self.patch_size, cols * self.patch_size, 3)
+
+
+class CodeTokens:
+  """VQ codes as the image tokens (Chameleon / Emu3 / Janus-Pro generation / MaskGIT):
+  one token per code of a trained VQ / FSQ / LFQ tokenizer, code k entering as token id
+  `code_offset + k` of the model's vocabulary (after the text ids; `mask_id` follows
+  the codes). `understanding` (a PixelPatches, Janus-Pro) encodes condition images as
+  pixel patches instead; `patch_dim` is its patch size (0 without)."""
+
+  discrete = True
+
+  def __init__(self, vq, image_size: int, code_offset: int, understanding=None, causal=True):
+    """causal: codes are read left to right like text (next-token generation; modality
+    TEXT in the batch); else each image's codes attend to each other (masked generation)."""
+    self.vq, self.code_offset, self.understanding = vq, int(code_offset), understanding
+    self.causal = bool(causal)
+    self.pixels = PixelPatches(image_size, vq.factor)
+    for k in ("image_size", "patch_size", "grid", "num_patches", "buckets", "max_rows",
+              "max_cols", "num_positions"):
+      setattr(self, k, getattr(self.pixels, k))
+    self.num_codes = vq.num_codes
+    self.mask_id = self.code_offset + self.num_codes
+    self.patch_dim = understanding.patch_dim if understanding is not None else 0
+    if understanding is not None:
+      self.max_rows = max(self.max_rows, understanding.max_rows)
+      self.max_cols = max(self.max_cols, understanding.max_cols)
+      self.num_positions = self.max_rows * self.max_cols
+
+  def __reduce__(self):
+    return (CodeTokens, (self.vq, self.image_size, self.code_offset, self.understanding,
+                         self.causal))
+
+  def vocab_size(self, multiple=128):
+    """Embedding rows: the text ids, the codes and the mask id, rounded up."""
+    return -(-(self.mask_id + 1) // multiple) * multiple
+
+  def bucket_size(self, aspect):
+    return self.pixels.bucket_size(aspect)
+
+  def patch_index(self, rows, cols):
+    return self.pixels.patch_index(rows, cols)
+
+  def check(self, image, what="image"):
+    self.pixels.check(image, what)
+
+  def from_latent(self, codes):
+    """Codes [h, w] -> token ids [N]."""
+    return np.asarray(codes, np.int32).reshape(-1) + self.code_offset
+
+  def encode(self, images, xp=np):
+    """uint8 [..., H, W, 3] -> token ids [..., N] (codes + code_offset)."""
+    self.check(images)
+    images = np.asarray(images)
+    single = images.ndim == 3
+    codes = self.vq.encode(images[None] if single else images)
+    ids = codes.reshape(codes.shape[0], -1).astype(np.int32) + self.code_offset
+    return ids[0] if single else ids
+
+  def decode(self, ids, xp=np, grid=None):
+    """Token ids [..., N] -> uint8 images; ids outside the codes (text, mask) become code 0."""
+    rows, cols = grid or (self.grid, self.grid)
+    ids = np.asarray(ids)
+    lead = ids.shape[:-1]
+    codes = ids.reshape(-1, rows, cols) - self.code_offset
+    codes = np.where((codes >= 0) & (codes < self.num_codes), codes, 0)
+    return self.vq.decode(codes).reshape(*lead, rows * self.patch_size, cols * self.patch_size, 3)
+
+
+_LOADED = {}
+
+
+def load_trained(path, kind):
+  """The trained autoencoder of a tokenizer workdir (loaded once per process)."""
+  from unimm.models.autoencoder import load_autoencoder
+  key = os.path.abspath(str(path))
+  if key not in _LOADED:
+    if not path:
+      raise UserError(f"model.image_tokenizer='{kind}' needs model.tokenizer_path: the workdir of "
+                      f"a tokenizer trained with python -m unimm.train.autoencoder")
+    _LOADED[key] = load_autoencoder(path)
+  ae = _LOADED[key]
+  if ae.kind != kind:
+    raise UserError(f"model.tokenizer_path '{path}' holds a '{ae.kind}' tokenizer but "
+                    f"model.image_tokenizer is '{kind}': set one to match the other")
+  return ae
+
+
 def image_tokenizer(cfg):
   """The image tokenizer of a full config (data.image_size, data.max_aspect,
-  model.patch_size, model.image_tokenizer)."""
-  kind = getattr(cfg.model, "image_tokenizer", "pixels")
-  if kind != "pixels":
-    raise UserError(f"model.image_tokenizer='{kind}' is not available yet; use 'pixels'")
-  return PixelPatches(int(cfg.data.image_size), int(cfg.model.patch_size),
-                      max_aspect=float(getattr(cfg.data, "max_aspect", 1.0)))
+  model.patch_size, model.image_tokenizer, model.tokenizer_path, model.latent_patch,
+  model.image_loss, model.understanding)."""
+  m, d = cfg.model, cfg.data
+  kind = m.get("image_tokenizer", "pixels")
+  if kind not in IMAGE_TOKENIZERS:
+    raise UserError(f"model.image_tokenizer='{kind}': use one of {', '.join(IMAGE_TOKENIZERS)}")
+  loss = m.get("image_loss", "flow")
+  if (kind == "vq") != (loss in ("next_token", "masked")):
+    raise UserError(f"model.image_loss='{loss}' does not go with model.image_tokenizer='{kind}': "
+                    "'flow' trains pixels or vae latents; 'next_token' and 'masked' train vq codes")
+  max_aspect = float(d.get("max_aspect", 1.0))
+  if kind == "pixels":
+    return PixelPatches(int(d.image_size), int(m.patch_size), max_aspect=max_aspect)
+  if max_aspect != 1.0:
+    raise UserError(f"model.image_tokenizer='{kind}' supports square images only: set "
+                    "data.max_aspect=1")
+  ae = load_trained(m.tokenizer_path, kind)
+  if kind == "vae":
+    return LatentPatches(ae, int(d.image_size), int(m.latent_patch))
+  from unimm.data.tokenizer import load_tokenizer
+  offset = load_tokenizer(d.tokenizer).model_vocab_size()
+  understanding = None
+  if m.get("understanding", "shared") == "pixels":
+    understanding = PixelPatches(int(d.image_size), int(m.patch_size))
+  return CodeTokens(ae, int(d.image_size), offset, understanding, causal=loss == "next_token")

@@ -32,9 +32,11 @@ T_FREQ_DIM = 256
 
 class UnifiedTransformer(nnx.Module):
 
-  def __init__(self, cfg, *, vocab_size, patch_dim, patch_grid, rngs):
+  def __init__(self, cfg, *, vocab_size, patch_dim, patch_grid, rngs, code_offset=None, mask_id=None):
     """patch_grid = (rows, cols): the position table of image patches (the
-    image tokenizer's max_rows, max_cols; patch_index = row * cols + col)."""
+    image tokenizer's max_rows, max_cols; patch_index = row * cols + col).
+    code_offset: with vq image tokens, the first code id (ids >= it are image codes
+    or the mask id, embedded from the token table plus their patch position)."""
     w = cfg.width
     if w % cfg.heads:
       raise UserError(f"model.width={w} is not a multiple of model.heads={cfg.heads}")
@@ -42,33 +44,58 @@ class UnifiedTransformer(nnx.Module):
     self.grid = int(patch_grid[1])
     self.image_rope_2d = bool(cfg.image_rope_2d)
     self.vocab_size, self.patch_dim = vocab_size, patch_dim
+    self.code_offset, self.mask_id = code_offset, mask_id
     self.embed = param(rngs, (vocab_size, w), ("vocab", "embed"), 1.0)
-    self.patch_in = param(rngs, (patch_dim, w), ("patch", "embed"), 1.0 / math.sqrt(patch_dim))
+    self.patch_in = param(rngs, (patch_dim, w), ("patch", "embed"), 1.0 / math.sqrt(max(patch_dim, 1)))
     self.patch_pos = param(rngs, (patch_grid[0] * patch_grid[1], w), ("positions", "embed"), 0.02)
     self.modality_embed = param(rngs, (3, w), (None, "embed"), 0.02)
     self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM))
     self.t_out = param(rngs, (w, w), ("embed", None), 1.0 / math.sqrt(w))
+    # Janus-Pro's understanding encoder: blocks over each condition image's pixel patches alone
+    self.vit = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.get("vit_depth", 0))])
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.final_norm = RMSNorm(w, rngs=rngs)
     self.lm_head = param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w))
-    self.flow_head = param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True)
+    self.flow_head = (param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True)
+                      if code_offset is None else None)
 
   def embed_inputs(self, tokens, patches, t, modality, patch_index):
+    """Text ids -> the token table; image codes (vq) -> the token table plus their patch
+    position; pixel or latent patches -> patch projection + position + modality + time."""
     dtype = self.embed.value.dtype
     text = jnp.take(self.embed.value, tokens, axis=0)
-    temb = timestep_embedding(t, T_FREQ_DIM).astype(dtype)
-    temb = jax.nn.silu(temb @ self.t_in.value) @ self.t_out.value
-    img = (patches.astype(dtype) @ self.patch_in.value
-           + jnp.take(self.patch_pos.value, patch_index, axis=0)
-           + jnp.take(self.modality_embed.value, modality, axis=0) + temb)
-    x = jnp.where((modality == TEXT)[..., None], text, img)
-    return constrain(x, ("batch", "length", "act_embed"))
+    pos = jnp.take(self.patch_pos.value, patch_index, axis=0)
+    img = (patches.astype(dtype) @ self.patch_in.value + pos
+           + jnp.take(self.modality_embed.value, modality, axis=0))
+    if self.flow_head is not None:
+      temb = timestep_embedding(t, T_FREQ_DIM).astype(dtype)
+      img = img + jax.nn.silu(temb @ self.t_in.value) @ self.t_out.value
+      return constrain(jnp.where((modality == TEXT)[..., None], text, img),
+                       ("batch", "length", "act_embed"))
+    code = tokens >= self.code_offset
+    text = text + jnp.where(code[..., None], pos, 0.0).astype(dtype)
+    pixels = (modality != TEXT) & ~code
+    return constrain(jnp.where(pixels[..., None], img, text), ("batch", "length", "act_embed"))
+
+  def encode_pixels(self, x, ids, modality, tokens, patch_index):
+    """The understanding ViT (model.vit_depth blocks): each condition image's pixel-patch
+    positions attend only to each other (bidirectional); other positions pass through."""
+    pixels = (modality != TEXT) & (tokens < self.code_offset)
+    vit_ids = MaskIds(jnp.where(pixels, ids.segment, 0), modality, jnp.where(pixels, ids.image, 0),
+                      ids.position)
+    h = x
+    for block in self.vit:
+      h, _ = block(h, vit_ids, patch_index)
+    return jnp.where(pixels[..., None], h, x)
 
   def __call__(self, tokens, patches, t, modality, image_ids, patch_index, segment_ids,
                positions, cache=None, cache_index=None):
-    """Returns (logits [B, L, V] f32, flow [B, L, D] f32, new cache or None)."""
+    """Returns (logits [B, L, V] f32, flow [B, L, D] f32 (None without a flow head),
+    new cache or None)."""
     ids = MaskIds(segment_ids, modality, image_ids, positions)
     x = self.embed_inputs(tokens, patches, t, modality, patch_index)
+    if len(self.vit):
+      x = self.encode_pixels(x, ids, modality, tokens, patch_index)
     rope_pos = self.rope_positions(positions, modality, patch_index)
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.blocks):
@@ -77,7 +104,7 @@ class UnifiedTransformer(nnx.Module):
         new_cache.append(c)
     x = self.final_norm(x)
     logits = constrain((x @ self.lm_head.value).astype(jnp.float32), ("batch", "length", "act_vocab"))
-    flow = (x @ self.flow_head.value).astype(jnp.float32)
+    flow = None if self.flow_head is None else (x @ self.flow_head.value).astype(jnp.float32)
     return logits, flow, new_cache
 
   def rope_positions(self, positions, modality, patch_index):
@@ -102,7 +129,11 @@ class UnifiedTransformer(nnx.Module):
 def build_model(cfg, *, vocab_size, seed=None):
   """The unified model for a full config (model + data fields)."""
   patcher = image_tokenizer(cfg)
+  code_offset = mask_id = None
+  if getattr(patcher, "discrete", False):  # the vocabulary grows by the codebook and a mask id
+    vocab_size, code_offset, mask_id = patcher.vocab_size(), patcher.code_offset, patcher.mask_id
   model = UnifiedTransformer(
       cfg.model, vocab_size=vocab_size, patch_dim=patcher.patch_dim,
-      patch_grid=(patcher.max_rows, patcher.max_cols), rngs=nnx.Rngs(cfg.seed if seed is None else seed))
+      patch_grid=(patcher.max_rows, patcher.max_cols), code_offset=code_offset, mask_id=mask_id,
+      rngs=nnx.Rngs(cfg.seed if seed is None else seed))
   return model, patcher

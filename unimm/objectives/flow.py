@@ -26,13 +26,16 @@ def sample_time(rng, shape, flow_cfg, image_size):
 
 
 def per_image_time(rng, segment_ids, image_ids, modality, flow_cfg, image_size):
-  """One t per noised image instance, broadcast over its tokens; 0 elsewhere.
+  """One t per noised image instance, broadcast over its tokens; 0 elsewhere."""
+  t_tok = sample_time(rng, segment_ids.shape, flow_cfg, image_size)
+  return per_image_value(t_tok, segment_ids, image_ids, modality)
 
-  Each token draws a t; every token of an image takes the draw of the image's
-  first token (a running max over image start positions finds it).
-  """
+
+def per_image_value(values, segment_ids, image_ids, modality):
+  """values [B, L] -> each noised image's tokens all take the value at the image's first
+  token (a running max over image start positions finds it); 0 elsewhere."""
   B, L = segment_ids.shape
-  t_tok = sample_time(rng, (B, L), flow_cfg, image_size)
+  t_tok = values
   prev_seg = jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
   prev_img = jnp.pad(image_ids, ((0, 0), (1, 0)))[:, :-1]
   noised = modality == NOISED_IMAGE

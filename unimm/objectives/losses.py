@@ -1,8 +1,18 @@
-"""The mixed objective: next-token cross-entropy + lambda * flow matching.
+"""The mixed objectives, by model.image_loss:
+
+  flow        next-token cross-entropy + lambda * flow matching (Transfusion)
+  next_token  next-token cross-entropy over text and image codes alike
+              (Chameleon / Emu3 early fusion, Janus-Pro generation)
+  masked      next-token cross-entropy on text + w * cross-entropy on masked image
+              codes (MaskGIT: each target image masks a cos(pi/2 u) share of its codes)
 
 Each term is averaged over its own global token count: text targets with
-loss_mask = 1 for the cross-entropy, noised image tokens for the flow loss.
+loss_mask = 1 for the cross-entropy, noised image tokens for the flow loss,
+masked codes for the masked loss.
 """
+
+import math
+
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +36,62 @@ def flow_loss(v_pred, v_target, noised):
 
 
 def unified_loss(model, batch, rng, cfg):
+  """The loss of model.image_loss on `batch`: (loss, metrics)."""
+  kind = cfg.model.get("image_loss", "flow")
+  if kind == "masked":
+    return masked_loss(model, batch, rng, cfg)
+  if kind == "next_token":
+    return next_token_only_loss(model, batch, cfg)
+  return flow_matching_loss(model, batch, rng, cfg)
+
+
+def _forward(model, batch, tokens, t):
+  return model(tokens, batch["patches"], t, batch["modality"], batch["image_ids"],
+               batch["patch_index"], batch["segment_ids"], batch["positions"])
+
+
+def next_token_only_loss(model, batch, cfg):
+  """Early fusion: one cross-entropy over every target with loss (text and image codes);
+  ce_image / image_accuracy report the code targets alone."""
+  del cfg
+  logits, _, _ = _forward(model, batch, batch["tokens"], jnp.zeros(batch["tokens"].shape))
+  mask = batch["loss_mask"].astype(jnp.float32)
+  ce, n, n_correct = next_token_loss(logits, batch["targets"], mask)
+  is_code = (batch["targets"] >= model.code_offset).astype(jnp.float32) * mask
+  ce_image, n_image, correct_image = next_token_loss(logits, batch["targets"], is_code)
+  return ce, {"loss": ce, "ce": ce, "ce_image": ce_image, "text_tokens": n - n_image,
+              "image_tokens": n_image, "token_accuracy": n_correct / jnp.maximum(n, 1.0),
+              "image_accuracy": correct_image / jnp.maximum(n_image, 1.0)}
+
+
+def mask_ratio(u):
+  """MaskGIT's cosine schedule: the share of an image's codes masked at u in [0, 1]."""
+  return jnp.cos(0.5 * math.pi * u)
+
+
+def masked_loss(model, batch, rng, cfg):
+  """MaskGIT on the target images (NOISED_IMAGE positions holding codes): per image
+  u ~ U(0, 1), each code masked with probability cos(pi/2 u) (Bernoulli per code, so the
+  masked count is cos(pi/2 u) N in expectation); the model sees the mask id there and is
+  trained to predict the code, loss on masked codes only. Text keeps next-token loss."""
+  rng_u, rng_m = jax.random.split(rng)
+  modality, tokens = batch["modality"], batch["tokens"]
+  target = modality == NOISED_IMAGE
+  u = flow.per_image_value(jax.random.uniform(rng_u, tokens.shape), batch["segment_ids"],
+                           batch["image_ids"], modality)
+  masked = target & (jax.random.uniform(rng_m, tokens.shape) < mask_ratio(u))
+  inputs = jnp.where(masked, model.mask_id, tokens)
+  logits, _, _ = _forward(model, batch, inputs, jnp.zeros(tokens.shape))
+  ce, n_text, n_correct = next_token_loss(logits, batch["targets"],
+                                          batch["loss_mask"].astype(jnp.float32))
+  mce, n_masked, m_correct = next_token_loss(logits, tokens, masked.astype(jnp.float32))
+  loss = ce + cfg.model.mask_loss_weight * mce
+  return loss, {"loss": loss, "ce": ce, "ce_image": mce, "text_tokens": n_text,
+                "image_tokens": n_masked, "token_accuracy": n_correct / jnp.maximum(n_text, 1.0),
+                "image_accuracy": m_correct / jnp.maximum(n_masked, 1.0)}
+
+
+def flow_matching_loss(model, batch, rng, cfg):
   """Noises the target images of `batch`, runs the model, returns (loss, metrics)."""
   rng_t, rng_eps = jax.random.split(rng)
   noised = batch["modality"] == NOISED_IMAGE

@@ -5,9 +5,18 @@
   text that precedes the target image, as condition dropout did in training.
 - text: greedy or top-p decoding with a KV cache; prompts are left-padded so
   that every row of a batch decodes into the same cache slot.
+- vq codes, next_token (early fusion): the image's codes one by one after
+  `<boi>` with the KV cache, classifier-free guidance on the logits
+  l = l_u + w (l_c - l_u), temperature / top-k sampling among the codes.
+- vq codes, masked (MaskGIT): all codes start as the mask id; each of
+  sample.mask_steps steps predicts every masked code (guided logits), keeps
+  the most confident and re-masks the rest, cos(pi/2 s/T) of the codes masked
+  after step s.
 
 Prompts are documents (`unimm.data.document`) encoded exactly as in training.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +26,8 @@ from flax import nnx
 from unimm.data import document as D
 from unimm.data.pipeline import encode_document
 from unimm.objectives import flow
+
+MASKGIT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel noise on the confidence at step 0
 
 SEQ_KEYS = ("tokens", "patches", "modality", "image_ids", "patch_index", "segment_ids", "positions")
 
@@ -78,6 +89,10 @@ class Sampler:
     return flow.velocity(out, x, jnp.full(x.shape[:2], t), self.cfg.model.prediction, self.cfg.flow.t_min)
 
   def _generate(self, cond_docs, uncond_docs, seed):
+    if getattr(self.patcher, "discrete", False):
+      if self.patcher.causal:
+        return self._generate_next_token(cond_docs, uncond_docs, seed)
+      return self._generate_masked(cond_docs, uncond_docs, seed)
     enc_c = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in cond_docs]
     enc_u = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in uncond_docs]
     Lc = _round_up(max(len(e["tokens"]) for e in enc_c))
@@ -98,6 +113,109 @@ class Sampler:
         v = v_u + s.cfg_scale * (v - v_u)
       x = x + (t_next - t) * v
     return np.asarray(self.patcher.decode(np.asarray(x)))
+
+  def _guided_codes(self, logits_c, logits_u):
+    """Guided logits over the codes only: [n, ..., num_codes] float32."""
+    p = self.patcher
+    lc = logits_c[..., p.code_offset:p.code_offset + p.num_codes].astype(jnp.float32)
+    if logits_u is None:
+      return lc
+    lu = logits_u[..., p.code_offset:p.code_offset + p.num_codes].astype(jnp.float32)
+    return lu + self.cfg.sample.cfg_scale * (lc - lu)
+
+  def _sample_codes(self, logits, rng):
+    """Codes drawn at sample.image_temperature among the sample.image_top_k most likely
+    (argmax at temperature 0)."""
+    s = self.cfg.sample
+    if s.image_temperature <= 0:
+      return jnp.argmax(logits, axis=-1)
+    logits = logits / s.image_temperature
+    if s.image_top_k > 0:
+      kth = jax.lax.top_k(logits, s.image_top_k)[0][..., -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1)
+
+  def _generate_next_token(self, cond_docs, uncond_docs, seed):
+    """Early fusion: prompt (the document up to its target image) + <boi>, then the
+    codes one at a time with the KV cache; cond and uncond rows share one batch."""
+    p, n = self.patcher, len(cond_docs)
+    guided = self.cfg.sample.cfg_scale != 1.0
+    docs = cond_docs + (uncond_docs if guided else [])
+    enc = []
+    for d in docs:
+      segs = d["segments"]
+      first = next(k for k, g in enumerate(segs) if g["kind"] == "image" and g["role"] == "target")
+      e = encode_document(dict(d, segments=segs[:first]), self.tok, p, add_eos=False)
+      e = {k: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)]) for k, v in e.items()}
+      e["tokens"][-1] = self.tok.boi_id
+      enc.append(e)
+    lengths = np.array([len(e["tokens"]) for e in enc])
+    Lp = _round_up(int(lengths.max()))
+    b = _stack(enc, Lp, left_pad=True)
+    rows, N = len(docs), p.num_patches
+    dtype = jax.tree.leaves(self.params)[0].dtype
+    cache = self._model(self.params).init_cache(rows, Lp + N, dtype)
+    logits, cache = self._decode(self.params, cache, b, 0)
+    rng = jax.random.key(seed)
+    out = np.zeros((n, N), np.int32)
+    for i in range(N):
+      rng, sub = jax.random.split(rng)
+      lg = self._guided_codes(logits[:n], logits[n:] if guided else None)
+      ids = np.asarray(self._sample_codes(lg, sub)).astype(np.int32) + p.code_offset
+      out[:, i] = ids
+      if i == N - 1:
+        break
+      nxt = np.concatenate([ids, ids]) if guided else ids
+      step = {"tokens": nxt[:, None], "patches": np.zeros((rows, 1, p.patch_dim), np.float32),
+              "modality": np.zeros((rows, 1), np.int32), "image_ids": np.zeros((rows, 1), np.int32),
+              "patch_index": np.full((rows, 1), i + 1, np.int32),
+              "segment_ids": np.ones((rows, 1), np.int32),
+              "positions": (lengths + i)[:, None].astype(np.int32)}
+      logits, cache = self._decode(self.params, cache, step, Lp + i)
+    return p.decode(out)
+
+  def _generate_masked(self, cond_docs, uncond_docs, seed):
+    """MaskGIT decoding (confidence = log p of the drawn code plus Gumbel noise annealed
+    from MASKGIT_CHOICE_TEMPERATURE to 0, as in MaskGIT)."""
+    p, n, T = self.patcher, len(cond_docs), int(self.cfg.sample.mask_steps)
+    guided = self.cfg.sample.cfg_scale != 1.0
+
+    def batch(docs):
+      enc = [encode_document(d, self.tok, p, add_eos=False) for d in docs]
+      b = _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), False)
+      idx = np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
+      return jax.tree.map(jnp.asarray, b), idx
+
+    bc, ic = batch(cond_docs)
+    bu, iu = batch(uncond_docs) if guided else (None, None)
+    N, r = p.num_patches, np.arange(n)[:, None]
+    ids = jnp.full((n, N), p.mask_id, jnp.int32)
+    rng = jax.random.key(seed)
+    zero = lambda b: jnp.zeros(b["tokens"].shape, jnp.float32)
+    for s in range(T):
+      logits_c, _ = self._forward(self.params, dict(bc, tokens=bc["tokens"].at[r, ic].set(ids)),
+                                  zero(bc))
+      logits_u = None
+      if guided:
+        logits_u, _ = self._forward(self.params, dict(bu, tokens=bu["tokens"].at[r, iu].set(ids)),
+                                    zero(bu))
+        logits_u = logits_u[r, iu]
+      lg = self._guided_codes(logits_c[r, ic], logits_u)
+      rng, k_draw, k_gumbel = jax.random.split(rng, 3)
+      drawn = self._sample_codes(lg, k_draw)
+      logp = jnp.take_along_axis(jax.nn.log_softmax(lg, -1), drawn[..., None], -1)[..., 0]
+      masked = ids == p.mask_id
+      cand = jnp.where(masked, drawn.astype(jnp.int32) + p.code_offset, ids)
+      keep_masked = int(math.floor(N * math.cos(0.5 * math.pi * (s + 1) / T)))
+      if keep_masked <= 0:
+        ids = cand
+        break
+      noise = MASKGIT_CHOICE_TEMPERATURE * (1.0 - (s + 1) / T) * jax.random.gumbel(k_gumbel, logp.shape)
+      conf = jnp.where(masked, logp + noise, jnp.inf)
+      keep_masked = min(keep_masked, int(jnp.min(masked.sum(-1))) - 1)
+      rank = jnp.argsort(jnp.argsort(conf, axis=-1), axis=-1)
+      ids = jnp.where(rank < keep_masked, p.mask_id, cand)
+    return p.decode(np.asarray(ids))
 
   def _blank(self):
     s = self.patcher.image_size

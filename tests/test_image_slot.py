@@ -1,0 +1,205 @@
+"""The image-tokenizer slot of the unified model: vae latents, vq codes (early fusion,
+MaskGIT, Janus-Pro's pixel understanding), latent caches; on tiny trained tokenizers."""
+
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from unimm.config import defaults
+from unimm.data import document as D
+from unimm.data import records
+from unimm.data.document import CLEAN_IMAGE, NOISED_IMAGE, TEXT
+from unimm.data.pipeline import encode_document, make_iterator
+from unimm.data.shapes import random_scene, render
+from unimm.data.tokenizer import load_tokenizer
+from unimm.errors import UserError
+from unimm.models.image_tokenizer import image_tokenizer
+from unimm.objectives.losses import mask_ratio
+from unimm.sample import sampler_from_run
+from unimm.train import autoencoder as ae
+from unimm.train.loop import Run
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+  """One step of a tiny vae and vq tokenizer (f=4 on 16x16 Shapes)."""
+  out = {}
+  for kind in ("vae", "vq"):
+    c = ae.default_config()
+    c.data.update(image_size=16, batch_size=4)
+    c.train.update(steps=1, log_every=1, ckpt_every=100)
+    c.mesh.data = 1
+    c.tokenizer.update(kind=kind, block_out_channels=(8, 16, 16), norm_num_groups=4,
+                       num_codes=64, code_dim=4, eval_images=4)
+    out[kind] = str(tmp_path_factory.mktemp(kind))
+    ae.train(c, out[kind], devices=jax.devices()[:1], log=lambda s: None)
+  return out
+
+
+def config(tokenizers, kind="vq", loss="next_token", **model):
+  c = defaults()
+  c.model.update(width=32, depth=1, heads=2, mlp_dim=64, patch_size=4, image_tokenizer=kind,
+                 tokenizer_path=tokenizers.get(kind, ""), image_loss=loss, **model)
+  c.data.update(image_size=16, seq_len=160, batch_size=4)
+  c.mesh.data = 1
+  c.sample.update(max_new_tokens=4, mask_steps=3)
+  c.optim.update(warmup_steps=1, lr=1e-2)
+  c.train.steps = 10
+  return c
+
+
+def _image(seed=0):
+  return render(random_scene(np.random.default_rng(seed), 1), 16)
+
+
+def _t2i():
+  return D.document("t2i", [D.text("a red circle", loss=False), D.image(_image(), "target")])
+
+
+def test_vq_codes_are_tokens_with_next_token_loss_on_target_images(tokenizers):
+  cfg = config(tokenizers)
+  tok, patcher = load_tokenizer("byte"), image_tokenizer(cfg)
+  codes = patcher.vq.encode(_image()[None]).reshape(-1)
+  e = encode_document(_t2i(), tok, patcher)
+  start = 1 + len("a red circle") + 1  # <bos> text <boi>
+  np.testing.assert_array_equal(e["tokens"][start:start + 16], codes + patcher.code_offset)
+  assert (e["modality"] == TEXT).all() and (e["image_ids"] == 0).all()
+  np.testing.assert_array_equal(e["patch_index"][start:start + 16], np.arange(16))
+  # <boi> predicts the first code, each code the next; the last code does not predict <eoi>
+  assert e["loss_mask"][start - 1:start + 15].all() and e["loss_mask"][start + 15] == 0
+  assert e["patches"].shape == (len(e["tokens"]), 0)
+  # a condition image's codes are context: no loss on them
+  cap = encode_document(D.document("caption", [D.image(_image()), D.text("x")]), tok, patcher)
+  assert cap["loss_mask"][:18].sum() == 0 and cap["loss_mask"][18] == 1
+
+
+def test_masked_codes_are_bidirectional_images_without_lm_loss(tokenizers):
+  cfg = config(tokenizers, loss="masked")
+  patcher = image_tokenizer(cfg)
+  e = encode_document(_t2i(), load_tokenizer("byte"), patcher)
+  img = e["modality"] == NOISED_IMAGE
+  assert img.sum() == 16 and (e["image_ids"][img] == 1).all() and e["loss_mask"][img].sum() == 0
+  assert (e["tokens"][img] >= patcher.code_offset).all() and (e["tokens"][img] < patcher.mask_id).all()
+  assert float(mask_ratio(0.0)) == 1.0 and abs(float(mask_ratio(1.0))) < 1e-6
+
+
+def test_janus_condition_images_are_pixel_patches_targets_codes(tokenizers):
+  cfg = config(tokenizers, understanding="pixels", vit_depth=1)
+  patcher = image_tokenizer(cfg)
+  doc = D.document("edit", [D.image(_image(1)), D.text("make it blue", False),
+                            D.image(_image(2), "target")])
+  e = encode_document(doc, load_tokenizer("byte"), patcher)
+  clean = e["modality"] == CLEAN_IMAGE
+  assert clean.sum() == 16 and e["patches"].shape[1] == 48
+  np.testing.assert_allclose(e["patches"][clean], patcher.understanding.encode(_image(1)))
+  assert (e["tokens"] >= patcher.code_offset).sum() == 16
+
+
+def test_vae_latent_patches_round_trip_the_vae(tokenizers):
+  cfg = config(tokenizers, kind="vae", loss="flow", latent_patch=2)
+  patcher = image_tokenizer(cfg)
+  assert (patcher.patch_size, patcher.num_patches, patcher.patch_dim) == (8, 4, 2 * 2 * 4)
+  img = _image()[None]
+  tokens = patcher.encode(img)
+  np.testing.assert_array_equal(patcher.decode(tokens), patcher.vae.decode(patcher.vae.encode(img)))
+
+
+@pytest.mark.parametrize("kind,loss,extra", [
+    ("vq", "next_token", {}), ("vq", "masked", {}),
+    ("vq", "next_token", {"understanding": "pixels", "vit_depth": 1}), ("vae", "flow", {})])
+def test_each_recipe_trains_and_samples(tokenizers, tmp_path, kind, loss, extra):
+  cfg = config(tokenizers, kind, loss, **extra)
+  run = Run(cfg, str(tmp_path), devices=jax.devices()[:1])
+  state = run.trainer.init()
+  batch, rng = run.next_batch(), jax.random.key(7)
+  before = float(run.trainer.loss_and_grads(state["params"], batch, rng)[0])
+  for _ in range(4):  # the same batch: its loss (same noise / masks) must fall
+    state, m = run.trainer.step(state, batch, run.rng)
+  after = float(run.trainer.loss_and_grads(state["params"], batch, rng)[0])
+  assert np.isfinite(after) and after < before
+  s = sampler_from_run(run, state)
+  images = s.text_to_image(["a red circle", "a blue square"])
+  assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+  assert s.edit(images, ["make it green", "remove it"]).shape == (2, 16, 16, 3)
+  assert len(s.image_to_text(images)) == 2
+
+
+def test_vq_sampling_is_deterministic_per_seed(tokenizers, tmp_path):
+  cfg = config(tokenizers, loss="masked")
+  run = Run(cfg, str(tmp_path), devices=jax.devices()[:1])
+  s = sampler_from_run(run, run.trainer.init())
+  a, b = s.text_to_image(["a red circle"], seed=3), s.text_to_image(["a red circle"], seed=3)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_config_mismatches_are_one_line_errors(tokenizers):
+  with pytest.raises(UserError, match="does not go with"):
+    image_tokenizer(config(tokenizers, kind="vq", loss="flow"))
+  with pytest.raises(UserError, match="needs model.tokenizer_path"):
+    image_tokenizer(config({}, kind="vae", loss="flow"))
+  with pytest.raises(UserError, match="holds a 'vae' tokenizer"):
+    cfg = config(tokenizers, kind="vq")
+    cfg.model.tokenizer_path = tokenizers["vae"]
+    image_tokenizer(cfg)
+  with pytest.raises(UserError, match="square images only"):
+    cfg = config(tokenizers)
+    cfg.data.max_aspect = 2.0
+    image_tokenizer(cfg)
+
+
+def _cache(directory, tok_dir, kind, images, latents):
+  """A latent cache in the record schema: t2i pairs whose images are latents only."""
+  w = records.ShardWriter(directory)
+  for i, z in enumerate(latents):
+    w.write({"task": "t2i", "segments": [
+        {"kind": "text", "text": f"pair {i}", "loss": False},
+        {"kind": "image", "role": "target",
+         "latent": {"dtype": z.dtype.name, "shape": z.shape, "data": z.tobytes()}}]})
+  w.close({"format": "cache", "documents": len(latents),
+           "tokenizer": {"workdir": os.path.abspath(tok_dir), "kind": kind, "image_size": 16}})
+
+
+def test_latent_cache_streams_the_same_tokens_as_the_images(tokenizers, tmp_path):
+  cfg = config(tokenizers, loss="next_token")
+  cfg.data.update(cfg_dropout=0.0, pair_caption_prob=0.0, batch_size=1, seq_len=64)
+  patcher = image_tokenizer(cfg)
+  images = np.stack([_image(i) for i in range(3)])
+  codes = patcher.vq.encode(images)
+  _cache(str(tmp_path / "cache"), tokenizers["vq"], "vq", images, list(codes))
+  cfg.data.mixture = str(tmp_path / "cache")
+  seen = set()
+  it = make_iterator(cfg)
+  for _ in range(3):
+    b = next(it)
+    row, seg = b["tokens"][0], b["segment_ids"][0]
+    for k in set(seg[seg > 0].tolist()):
+      codes_k = row[(seg == k) & (row >= patcher.code_offset)]
+      seen.add(tuple(codes_k - patcher.code_offset))
+  assert seen == {tuple(c.reshape(-1)) for c in codes}
+  # a cache made by another tokenizer is refused with the fix
+  cfg.model.update(image_tokenizer="vae", tokenizer_path=tokenizers["vae"], image_loss="flow")
+  with pytest.raises(UserError, match="latent cache of the vq tokenizer"):
+    make_iterator(cfg)
+
+
+def test_vae_latent_cache_matches_online_encoding(tokenizers, tmp_path):
+  cfg = config(tokenizers, kind="vae", loss="flow")
+  patcher = image_tokenizer(cfg)
+  images = np.stack([_image(i) for i in range(2)])
+  latents = patcher.vae.encode(images)
+  _cache(str(tmp_path / "cache"), tokenizers["vae"], "vae", images, list(latents))
+  doc = records.unpack(open_records(str(tmp_path / "cache"))[0])
+  lat = doc["segments"][1]["latent"]
+  z = np.frombuffer(lat["data"], lat["dtype"]).reshape(lat["shape"])
+  np.testing.assert_allclose(patcher.from_latent(z), patcher.encode(images[0]), rtol=1e-5, atol=1e-6)
+
+
+def open_records(directory):
+  from unimm.data.pipeline import ConvertedSource
+  src = ConvertedSource(directory)
+  return [src[i] for i in range(len(src))]
