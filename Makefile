@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo demo-mixture test clean
+.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,27 @@ demo-mixture: setup
 	$(PY) -m unimm.data.fixtures --format instructpix2pix --output runs/data/raw_edits/00000.parquet --n 2000
 	$(PY) -m unimm.data.convert --format instructpix2pix --input runs/data/raw_edits --output runs/data/edits
 	$(PY) -m unimm.train --config configs/demo_mixture.py --workdir runs/demo_mixture
+
+# Image tokenizers on Shapes, and the recipes built on them (configs/*.py say what each is).
+runs/vae_shapes/eval.json: | setup
+	$(PY) -m unimm.train.autoencoder --config configs/vae_shapes.py --workdir runs/vae_shapes
+
+runs/vq_shapes/eval.json: | setup
+	$(PY) -m unimm.train.autoencoder --config configs/vq_shapes.py --workdir runs/vq_shapes
+
+tokenizers: runs/vae_shapes/eval.json runs/vq_shapes/eval.json
+
+maskgit: runs/vq_shapes/eval.json
+	$(PY) -m unimm.train --config configs/maskgit_shapes.py --workdir runs/maskgit
+
+early-fusion: runs/vq_shapes/eval.json
+	$(PY) -m unimm.train --config configs/early_fusion_shapes.py --workdir runs/early_fusion
+
+janus: runs/vq_shapes/eval.json
+	$(PY) -m unimm.train --config configs/janus_shapes.py --workdir runs/janus
+
+transfusion-vae: runs/vae_shapes/eval.json
+	$(PY) -m unimm.train --config configs/transfusion_vae.py --workdir runs/transfusion_vae
 
 test: setup
 	$(PY) -m pytest -q tests

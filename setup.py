@@ -25,6 +25,8 @@ setup(
         "pyarrow",
         "array-record",
         "psutil",
+        # PSNR / SSIM of `python -m unimm.tokenize reconstruct`, and its bundled test photos
+        "scikit-image",
     ],
     extras_require={
         # torch: the PyTorch DataLoader peer of unimm.data.bench and the parity tests against

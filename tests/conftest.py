@@ -3,3 +3,26 @@ import os
 # 8 fake CPU devices for the sharding tests; must be set before JAX is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizers(tmp_path_factory):
+  """Workdirs of a tiny KL-VAE and a tiny quantized tokenizer (FSQ, 4 x 4 x 4 = 64 codes,
+  the quickest to compile), 16x16 Shapes images, f=2, a few training steps each."""
+  import jax
+  from unimm.train import autoencoder as ae
+  out = {}
+  for kind in ("vae", "vq"):
+    c = ae.default_config()
+    c.data.update(image_size=16, batch_size=4)
+    c.train.update(steps=4, log_every=100, ckpt_every=100)
+    c.optim.update(lr=3e-3, warmup_steps=1)
+    c.mesh.data = 1
+    c.tokenizer.update(kind=kind, quantizer="fsq", block_out_channels=(8, 16), norm_num_groups=4,
+                       fsq_levels=(4, 4, 4), eval_images=4)
+    out[kind] = str(tmp_path_factory.mktemp(f"tokenizer_{kind}"))
+    ae.train(c, out[kind], devices=jax.devices()[:1], log=lambda s: None)
+  return out

@@ -339,14 +339,15 @@ def make_sources(cfg):
 
 def check_latent_cache(location, cfg):
   """A latent cache (written by `python -m unimm.tokenize encode`) streams only into
-  a model whose image tokenizer made it: same tokenizer workdir and image size."""
+  a model whose image tokenizer made it: same tokenizer workdir and image size.
+  Returns whether `location` is one."""
   try:
     with open(os.path.join(location, records.INFO_FILE)) as f:
       made = json.load(f).get("tokenizer")
   except (OSError, ValueError):
-    return
+    return False
   if not made:
-    return
+    return False
   m = cfg.model
   want = os.path.abspath(m.tokenizer_path) if m.tokenizer_path else ""
   if m.image_tokenizer != made.get("kind") or want != os.path.abspath(made.get("workdir", "")):
@@ -357,6 +358,24 @@ def check_latent_cache(location, cfg):
   if int(made.get("image_size", 0)) != int(cfg.data.image_size):
     raise UserError(f"data source {location} was encoded at image size {made.get('image_size')}; "
                     f"set data.image_size={made.get('image_size')}")
+  return True
+
+
+def check_encoding_workers(cfg):
+  """A vae / vq tokenizer encodes images inside the data pipeline; that must happen in
+  Grain worker processes: run in the training process, its XLA:CPU programs and the
+  train step's share one thread pool and can stall each other (a hang on small hosts).
+  Latent caches need no encoding."""
+  if cfg.model.get("image_tokenizer", "pixels") == "pixels" or int(cfg.data.num_workers) > 0:
+    return
+  needs = [name for name, location, _ in parse_mixture(getattr(cfg.data, "mixture", "shapes"))
+           if location == "shapes" or not check_latent_cache(location, cfg)]
+  if needs:
+    raise UserError(
+        f"model.image_tokenizer='{cfg.model.image_tokenizer}' encodes the images of data source "
+        f"{needs[0]!r} in the data pipeline, which needs worker processes: set "
+        "data.num_workers=1 or more (or stream a latent cache written by python -m unimm.tokenize "
+        "encode)")
 
 
 # ------------------------------------------------------------ record loading
@@ -406,9 +425,8 @@ class _Load(grain.transforms.Map):
     segments = []
     for seg in doc["segments"]:
       if seg["kind"] == "image" and "latent" in seg:  # a latent cache: already tokenized
-        lat = seg["latent"]
         seg = {"kind": "image", "role": seg.get("role", "condition"),
-               "latent": np.frombuffer(lat["data"], np.dtype(lat["dtype"])).reshape(lat["shape"])}
+               "latent": records.read_latent(seg)}
       elif seg["kind"] == "image":
         seg = {"kind": "image", "role": seg.get("role", "condition"),
                "image": records.decode_image(seg["bytes"], bucket=self.patcher.bucket_size)}
@@ -419,7 +437,8 @@ class _Load(grain.transforms.Map):
 # ------------------------------------------------------- skips and their rate
 
 TOO_LONG = "too_long"
-SKIP_REASONS = ("malformed_record", records.EMPTY_IMAGE, records.UNDECODABLE_IMAGE,
+SKIP_REASONS = ("malformed_record", records.BAD_LATENT, records.EMPTY_IMAGE,
+                records.UNDECODABLE_IMAGE,
                 records.TRUNCATED_IMAGE, records.DECOMPRESSION_BOMB, records.MISSING_IMAGE,
                 TOO_LONG, "other")
 
@@ -565,6 +584,8 @@ def make_dataset(cfg, *, process_index=0, process_count=1, source=None):
         f"process_index {process_index} is outside [0, {process_count})")
   if int(d.pack_bins) < 1:
     raise UserError(f"data.pack_bins is {d.pack_bins}: set it to 1 or more")
+  if source is None:
+    check_encoding_workers(cfg)
   seq_len = int(d.seq_len)
   tok = load_tokenizer(d.tokenizer)
   it = document_stream(cfg, process_index=process_index, process_count=process_count,

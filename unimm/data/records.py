@@ -187,8 +187,8 @@ def _cover_box(have, size):
   w, h = have
   scale = max(size[1] / w, size[0] / h)
   cw, ch = size[1] / scale, size[0] / scale
-  left, top = (w - cw) / 2, (h - ch) / 2
-  return (left, top, left + cw, top + ch)
+  left, top = max(0.0, (w - cw) / 2), max(0.0, (h - ch) / 2)  # rounding can give -1e-15
+  return (left, top, min(float(w), left + cw), min(float(h), top + ch))
 
 
 # -------------------------------------------------------------------- text
@@ -212,6 +212,34 @@ def as_text(value):
 
 
 # ----------------------------------------------------------------- records
+
+
+# ------------------------------------------------------------- latent caches
+
+BAD_LATENT = "bad_latent"
+LATENT_DTYPES = {"float16": "<f2", "float32": "<f4", "int32": "<i4"}
+
+
+def latent_field(array) -> dict:
+  """A latent [h, w, c] (stored float16) or code map [h, w] (stored int32) -> an image
+  segment's "latent" field (a latent cache, `python -m unimm.tokenize encode`)."""
+  array = np.asarray(array)
+  dtype = "int32" if np.issubdtype(array.dtype, np.integer) else "float16"
+  data = np.ascontiguousarray(array.astype(LATENT_DTYPES[dtype]))
+  return {"dtype": dtype, "shape": list(array.shape), "data": data.tobytes()}
+
+
+def read_latent(segment) -> np.ndarray:
+  """An image segment of a latent cache -> its latent (float16 [h, w, c]) or codes
+  (int32 [h, w]), as stored. Raises Skip("bad_latent") for a segment without a
+  well-formed "latent" field (the pipeline counts it like any bad record)."""
+  lat = segment.get("latent") if isinstance(segment, dict) else None
+  try:
+    dtype = np.dtype(LATENT_DTYPES[lat["dtype"]])
+    shape = tuple(int(s) for s in lat["shape"])
+    return np.frombuffer(lat["data"], dtype=dtype).reshape(shape)
+  except Exception as e:  # missing keys, unknown dtype, wrong number of bytes
+    raise Skip(BAD_LATENT, f"{type(e).__name__}: {e}") from None
 
 
 def pack(doc) -> bytes:

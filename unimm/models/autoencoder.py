@@ -14,6 +14,7 @@ numpy-out `encode` / `decode` for the data pipeline, sampling and the
 
 import json
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,10 @@ from unimm.models.quantizers import FSQ, LFQ, QuantizerStat, VectorQuantizer
 from unimm.models.vae import AutoencoderKL, Conv, Decoder, Encoder, VAEConfig
 
 KINDS = ("vae", "vq")
+# One tokenizer call at a time per process: the data pipeline calls encode from several
+# read threads, and concurrent executions from Python threads can starve the XLA:CPU
+# client's small thread pool (seen as a hang on a 2-core host).
+_CALL_LOCK = threading.Lock()
 QUANTIZERS = ("vq", "fsq", "lfq")
 
 
@@ -189,11 +194,13 @@ class TrainedAutoencoder:
     if images.shape[1] % self.factor or images.shape[2] % self.factor:
       raise UserError(f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of the "
                       f"tokenizer's downsampling factor {self.factor}")
-    return np.asarray(self._encode(images))
+    with _CALL_LOCK:
+      return np.asarray(self._encode(images))
 
   def decode(self, z):
     """Latents [n, h, w, c] or codes [n, h, w] -> uint8 images [n, h*f, w*f, 3]."""
-    return np.asarray(self._decode(jnp.asarray(z)))
+    with _CALL_LOCK:
+      return np.asarray(self._decode(jnp.asarray(z)))
 
 
 def _latent_stats(workdir):

@@ -85,7 +85,7 @@ class Run:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           m.update(step=step, steps_per_s=(step - start) / (time.time() - t0))
           m.update(self.data.metrics())
-          bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}", flow=f"{m['flow']:.3f}")
+          bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "ce", "flow", "ce_image") if k in m})
           metrics_file.write(json.dumps(m) + "\n")
           metrics_file.flush()
           if writer is not None:
