@@ -46,7 +46,9 @@ class UnifiedTransformer(nnx.Module):
     self.vocab_size, self.patch_dim = vocab_size, patch_dim
     self.code_offset, self.mask_id = code_offset, mask_id
     self.embed = param(rngs, (vocab_size, w), ("vocab", "embed"), 1.0)
-    self.patch_in = param(rngs, (patch_dim, w), ("patch", "embed"), 1.0 / math.sqrt(max(patch_dim, 1)))
+    # (none when images are codes only: a zero-size parameter cannot be checkpointed)
+    self.patch_in = (param(rngs, (patch_dim, w), ("patch", "embed"), 1.0 / math.sqrt(patch_dim))
+                     if patch_dim else None)
     self.patch_pos = param(rngs, (patch_grid[0] * patch_grid[1], w), ("positions", "embed"), 0.02)
     self.modality_embed = param(rngs, (3, w), (None, "embed"), 0.02)
     self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM))
@@ -65,8 +67,9 @@ class UnifiedTransformer(nnx.Module):
     dtype = self.embed.value.dtype
     text = jnp.take(self.embed.value, tokens, axis=0)
     pos = jnp.take(self.patch_pos.value, patch_index, axis=0)
-    img = (patches.astype(dtype) @ self.patch_in.value + pos
-           + jnp.take(self.modality_embed.value, modality, axis=0))
+    img = pos + jnp.take(self.modality_embed.value, modality, axis=0)
+    if self.patch_in is not None:
+      img = img + patches.astype(dtype) @ self.patch_in.value
     if self.flow_head is not None:
       temb = timestep_embedding(t, T_FREQ_DIM).astype(dtype)
       img = img + jax.nn.silu(temb @ self.t_in.value) @ self.t_out.value
