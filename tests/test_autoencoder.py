@@ -46,6 +46,9 @@ def test_training_reduces_reconstruction_and_writes_eval(tmp_path, kind, quantiz
       assert k in m[-1]
     assert 0 < saved["usage"] <= 1 and saved["perplexity"] >= 1
     assert saved["num_codes"] == 64  # 64 codes, or FSQ levels 4 x 4 x 4
+  if quantizer == "vq" and kind == "vq":
+    # Cluster sizes start at 0: the first step restarts (data-initialises) the codebook.
+    assert m[0]["restarted"] > 0
   assert os.listdir(tmp_path / "tb") and os.listdir(tmp_path / "checkpoints")
 
 
@@ -75,3 +78,75 @@ def test_bad_config_is_one_line(tmp_path, capsys, monkeypatch, flag, word):
 def test_unknown_kind_raises_before_building():
   with pytest.raises(UserError, match="tokenizer.kind"):
     ae.check_config(tiny(kind="gan"))
+
+
+# --- PatchGAN discriminator and perceptual loss ------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", ["group", "none"])
+def test_discriminator_patch_logits_shape(norm):
+  from flax import nnx
+  import jax.numpy as jnp
+  from unimm.models.discriminator import PatchDiscriminator, output_size
+  d = PatchDiscriminator(channels=8, n_layers=2, norm=norm, rngs=nnx.Rngs(0))
+  out = d(jnp.zeros((2, 16, 16, 3)))
+  assert out.shape == (2, output_size(16, 2), output_size(16, 2), 1) == (2, 2, 2, 1)
+  assert d(jnp.zeros((1, 32, 32, 3))).shape == (1, 6, 6, 1)
+
+
+def test_perceptual_distance_zero_for_identical_images(tmp_path):
+  import numpy as np
+  from unimm.models.perceptual import load_perceptual, perceptual_distance, write_random_weights
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  y = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  for name in ("p.npz", "p.safetensors"):
+    net = load_perceptual(write_random_weights(str(tmp_path / name)))
+    assert len(net["lins"]) == 2
+    np.testing.assert_array_equal(np.asarray(perceptual_distance(net, x, x)), [0.0, 0.0])
+    assert np.all(np.asarray(perceptual_distance(net, x, y)) > 0)
+
+
+def test_missing_perceptual_file_is_one_line_error_naming_it(tmp_path):
+  c = tiny("vq")
+  missing = str(tmp_path / "lpips_vgg.safetensors")
+  c.tokenizer.update(perceptual_weight=0.1, perceptual_weights=missing)
+  with pytest.raises(UserError) as e:
+    ae.check_config(c)
+  assert missing in str(e.value) and "does not exist" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gan_starts_at_disc_start_trains_the_discriminator_and_resumes(tmp_path):
+  import numpy as np
+  from unimm.models.perceptual import write_random_weights
+  c = tiny("vq", "vq", steps=4)
+  c.tokenizer.update(disc_weight=0.5, disc_start=2, disc_layers=2, disc_channels=8,
+                     perceptual_weight=0.1,
+                     perceptual_weights=write_random_weights(str(tmp_path / "p.npz")))
+  work = tmp_path / "run"
+  state, _ = _train(c, work)
+  init = _initial_disc_params(c)
+  m = _metrics(work)
+  for r in m[:2]:  # steps 0 and 1: no generator term, no discriminator update
+    assert r["gan_weight"] == 0.0 and r["d_loss"] == 0.0
+    assert abs(r["loss"] - (r["rec"] + 0.1 * r["perceptual"] + r["quantizer_loss"])) < 1e-5
+  for r in m[2:]:
+    assert np.isfinite(r["adaptive_weight"]) and r["adaptive_weight"] > 0
+    assert r["gan_weight"] == pytest.approx(0.5 * r["adaptive_weight"]) and r["d_loss"] > 0
+    assert r["perceptual"] > 0
+  disc = jax.tree.leaves(jax.device_get(state["disc_params"]))
+  assert any(not np.array_equal(a, b) for a, b in zip(disc, init))
+  # Same workdir, same steps: restored from the checkpoint, discriminator included.
+  lines = []
+  state2, _ = _train(c, work, lines)
+  assert lines[0].startswith("step 4 of 4")
+  for a, b in zip(disc, jax.tree.leaves(jax.device_get(state2["disc_params"]))):
+    np.testing.assert_array_equal(a, b)
+
+
+def _initial_disc_params(cfg):
+  """The discriminator's initial params (leaves, numpy) for `cfg`."""
+  from flax import nnx
+  from unimm.parallel import sharding as shd
+  trainer = ae.AutoencoderTrainer(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
+  return jax.tree.leaves(jax.device_get(nnx.split(trainer._build_disc(), nnx.Param)[1]))

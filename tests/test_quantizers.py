@@ -175,6 +175,7 @@ def test_vq_ema_update_matches_formula():
   e0 = np.array([[0, 0], [5, 5], [-5, 5], [5, -5]], np.float32)
   vq.codebook[...] = jnp.asarray(e0)
   vq.embed_sum[...] = jnp.asarray(e0)
+  vq.cluster_size[...] = jnp.ones((k,), jnp.float32)
   z = np.array([[1, 0], [0, 1], [1, 1], [4, 6]], np.float32)
   out = vq(jnp.asarray(z), train=True)  # calls ema_update
   idx = np.asarray(out["indices"])
@@ -205,6 +206,32 @@ def test_vq_restart_dead_codes():
     assert np.abs(rows - after[j]).sum(-1).min() == 0.0
   np.testing.assert_allclose(np.asarray(vq.cluster_size[...]), [5.0, 0.5, 2.0, 0.5])
   np.testing.assert_allclose(np.asarray(vq.embed_sum[...])[[1, 3]], after[[1, 3]] * 0.5)
+
+
+def test_vq_codes_start_dead_so_the_first_restart_seeds_the_codebook_from_data():
+  vq = VectorQuantizer(8, 3, ema=True, l2_normalize=True, rngs=nnx.Rngs(0))
+  assert np.all(np.asarray(vq.cluster_size[...]) == 0) and np.all(np.asarray(vq.embed_sum[...]) == 0)
+  z = jnp.asarray(_rand((4, 6, 3), seed=3))
+  out = vq(z, train=True)  # EMA step: the unused codes keep their (random) values
+  assert np.all(np.isfinite(np.asarray(vq.codebook[...])))
+  dead = np.asarray(vq.restart_dead_codes(z, jax.random.key(0), threshold=0.5))
+  assert dead.all()  # one step of EMA (decay 0.99) leaves every N below 0.5
+  rows = np.asarray(z).reshape(-1, 3)
+  rows = rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+  for code in np.asarray(vq.codebook[...]):
+    assert np.abs(rows - code).sum(-1).min() < 1e-6
+  del out
+
+
+def test_vq_restart_prefers_poorly_covered_vectors():
+  # 99 copies of one vector that code 0 already covers, one outlier: restarts go to the outlier.
+  vq = VectorQuantizer(4, 2, ema=True, rngs=nnx.Rngs(0))
+  vq.codebook[...] = jnp.array([[0.0, 0.0], [9.0, 9.0], [9.0, 9.0], [9.0, 9.0]])
+  vq.cluster_size[...] = jnp.array([5.0, 0.0, 0.0, 0.0])
+  z = np.zeros((100, 2), np.float32)
+  z[37] = [3.0, -3.0]
+  vq.restart_dead_codes(jnp.asarray(z), jax.random.key(1), threshold=0.5)
+  np.testing.assert_array_equal(np.asarray(vq.codebook[...])[1:], [[3.0, -3.0]] * 3)
 
 
 # --- straight-through -------------------------------------------------------------------------

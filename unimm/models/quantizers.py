@@ -58,6 +58,9 @@ class VectorQuantizer(nnx.Module):
   loss = ||sg[z] - e||^2 + beta ||z - sg[e]||^2; with `ema=True` only the commitment
   term, and the codebook follows e = m / N (Laplace-smoothed N) via `ema_update`.
   Cluster sizes N are tracked in both modes so `restart_dead_codes` works for both.
+  N starts at 0 (and m at 0): every code counts as dead until used, so the first
+  `restart_dead_codes` seeds the whole codebook from encoder outputs (data init)
+  instead of waiting ~log(threshold)/log(decay) steps while all tokens share a few codes.
   """
 
   def __init__(self, num_codes, dim, *, beta=0.25, l2_normalize=False, ema=False, decay=0.99,
@@ -76,8 +79,8 @@ class VectorQuantizer(nnx.Module):
       init = nnx.Param(_l2norm(init[...]), axes=(None, None))
     # With EMA the codebook is not trained by gradients: keep it out of the Params.
     self.codebook = QuantizerStat(init[...], axes=(None, None)) if self.ema else init
-    self.cluster_size = QuantizerStat(jnp.ones((self.num_codes,), jnp.float32), axes=(None,))
-    self.embed_sum = QuantizerStat(init[...], axes=(None, None))
+    self.cluster_size = QuantizerStat(jnp.zeros((self.num_codes,), jnp.float32), axes=(None,))
+    self.embed_sum = QuantizerStat(jnp.zeros_like(init[...]), axes=(None, None))
 
   def codes(self):
     """The codebook as used for lookup ([num_codes, dim], normalised when l2_normalize)."""
@@ -131,18 +134,24 @@ class VectorQuantizer(nnx.Module):
     self.embed_sum[...] = m
     total = size.sum()
     smoothed = (size + self.eps) / (total + self.num_codes * self.eps) * total
-    e = m / smoothed[:, None]
-    self.codebook[...] = _l2norm(e) if self.l2_normalize else e
+    # Codes never used yet (N = m = 0) keep their current value.
+    e = jnp.where(size[:, None] > 0, m / smoothed[:, None], self.codebook[...].astype(jnp.float32))
+    self.codebook[...] = (_l2norm(e) if self.l2_normalize else e).astype(self.codebook[...].dtype)
 
   def restart_dead_codes(self, z, rng, threshold):
-    """Replaces codes with cluster size N < threshold by random encoder outputs of `z`.
+    """Replaces codes with cluster size N < threshold by encoder outputs of `z`.
 
-    Their N is reset to `threshold` and m to code * threshold. Returns the bool mask
-    of replaced codes.
+    The outputs are drawn with probability proportional to their squared distance to
+    the nearest code (k-means++ style, with a small uniform floor), so new codes go
+    where the codebook covers the data worst rather than onto the dominant vector
+    (the black background of Shapes, most of the tokens). Their N is reset to
+    `threshold` and m to code * threshold. Returns the bool mask of replaced codes.
     """
     zf = jax.lax.stop_gradient(self._prepare(z)).reshape(-1, self.dim)
     n = zf.shape[0]
-    picks = jax.random.choice(rng, n, (self.num_codes,), replace=n < self.num_codes)
+    err = jnp.sum((zf - self.indices_to_codes(self.nearest(zf))) ** 2, axis=-1)
+    weights = err + 1e-3 * jnp.mean(err) + 1e-12
+    picks = jax.random.choice(rng, n, (self.num_codes,), replace=True, p=weights / weights.sum())
     sampled = zf[picks]
     dead = self.cluster_size[...] < threshold
     self.codebook[...] = jnp.where(dead[:, None], sampled, self.codebook[...]).astype(

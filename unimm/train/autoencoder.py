@@ -12,10 +12,19 @@ Data: the built-in Shapes world, one or two objects per image, a deterministic
 stream (batch `s` is drawn from seed (0, seed, s), so a resumed run sees the same
 images as an uninterrupted one); held-out images come from (1, tokenizer.eval_seed).
 
+Losses: reconstruction (l1 / l2), the KL or quantizer term, optionally an LPIPS-style
+perceptual term (tokenizer.perceptual_weight, weights read from the local file
+tokenizer.perceptual_weights, see `unimm.models.perceptual`) and, with
+tokenizer.disc_weight > 0, a PatchGAN generator term as taming-transformers' VQGAN:
+from tokenizer.disc_start on, loss += disc_weight * lambda * -E[D(rec)], lambda the
+adaptive weight ||grad rec loss|| / (||grad gan loss|| + 1e-4) at the decoder's last
+conv (clipped to [0, 1e4], no gradient); the discriminator (`unimm.models.discriminator`)
+trains with its own Adam from the same step on.
+
 The workdir holds `checkpoints/` (Orbax: params, quantizer statistics, optimizer
-state, step), `tb/`, `metrics.jsonl`, `config.json` and, at the end, `eval.json`
-with the held-out PSNR (dB, on uint8 images) and, for vq, codebook usage and
-perplexity over the eval set. Starting again in the same workdir continues from
+state, step and, with a discriminator, its params and optimizer state), `tb/`,
+`metrics.jsonl`, `config.json` and, at the end, `eval.json` with the held-out PSNR
+(dB, on uint8 images) and, for vq, codebook usage and perplexity over the eval set. Starting again in the same workdir continues from
 its latest checkpoint.
 """
 
@@ -35,8 +44,10 @@ from flax import nnx
 from unimm.config import defaults, tokenizer_defaults
 from unimm.data.shapes import random_scene, render
 from unimm.errors import UserError, cli
+from unimm.models import discriminator as disc_lib
 from unimm.models.autoencoder import (KINDS, QUANTIZERS, build_tokenizer, check_shapes, num_codes,
                                       to_float, to_uint8)
+from unimm.models.perceptual import load_perceptual, perceptual_distance
 from unimm.models.quantizers import QuantizerStat
 from unimm.parallel import sharding as shd
 from unimm.train.loop import summary_writer
@@ -68,36 +79,71 @@ def check_config(cfg):
                     f"factor {f} of tokenizer.block_out_channels={tuple(t.block_out_channels)}")
   if cfg.data.batch_size < 1 or t.eval_images < 1 or t.restart_every < 1:
     raise UserError("data.batch_size, tokenizer.eval_images and tokenizer.restart_every must be >= 1")
+  if t.disc_weight > 0:
+    if t.disc_loss not in disc_lib.LOSSES:
+      raise UserError(f"tokenizer.disc_loss='{t.disc_loss}': use one of {', '.join(disc_lib.LOSSES)}")
+    if t.disc_norm not in disc_lib.NORMS:
+      raise UserError(f"tokenizer.disc_norm='{t.disc_norm}': use one of {', '.join(disc_lib.NORMS)}")
+    if disc_lib.output_size(cfg.data.image_size, t.disc_layers) < 1:
+      raise UserError(f"tokenizer.disc_layers={t.disc_layers} leaves no patch of "
+                      f"{cfg.data.image_size}-pixel images: use fewer layers")
+  if t.perceptual_weight > 0 and not os.path.exists(t.perceptual_weights or ""):
+    load_perceptual(t.perceptual_weights)  # raises the one-line error naming the file
 
 
-def forward(model, images, rng, t, train):
-  """(loss, metrics, (quantizer input, indices) or None) of a batch of uint8 images.
+def decode_with_hidden(model, latent):
+  """(input of the decoder's last conv, reconstruction): the decoder of `unimm.models.vae`
+  unrolled, so the GAN's adaptive weight can differentiate w.r.t. that last layer."""
+  post = getattr(model, "post_quant_conv", None)
+  z = post(latent) if post is not None else latent
+  dec = model.decoder
+  x = dec.mid_block(dec.conv_in(z))
+  for block in dec.up_blocks:
+    x = block(x)
+  h = jax.nn.silu(dec.conv_norm_out(x))
+  return h, dec.conv_out(h)
+
+
+def reconstruction_loss(rec, x, t, perceptual=None):
+  """(rec loss + perceptual_weight * LPIPS, {rec, perceptual}) of images in [-1, 1]."""
+  err = rec.astype(jnp.float32) - x
+  rec_loss = jnp.mean(jnp.abs(err)) if t.rec_loss == "l1" else jnp.mean(err ** 2)
+  if perceptual is None:
+    return rec_loss, {"rec": rec_loss}
+  p = jnp.mean(perceptual_distance(perceptual, rec, x))
+  return rec_loss + t.perceptual_weight * p, {"rec": rec_loss, "perceptual": p}
+
+
+def forward(model, images, rng, t, train, perceptual=None):
+  """(loss, metrics, extras) of a batch of uint8 images; extras: x (images in [-1, 1]),
+  rec, hidden (input of the decoder's last conv) and, for vq, (quantizer input, indices)
+  as `codes`.
 
   The quantizer runs with train=False: its statistics (EMA) are updated by the caller,
   outside the gradient trace.
   """
   x = to_float(images)
-  metrics, z = {}, None
+  metrics, codes = {}, None
   if t.kind == "vae":
     mean, logvar = model.encode(x)
     latent = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape) if train else mean
-    rec = model.decode(latent)
     kl = 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
     aux = t.kl_weight * kl
     metrics["kl"] = kl
   else:
     z = model.encode(x)
     q = model.quantizer(z)
-    rec = model.decode(q["z_q"])
+    latent, codes = q["z_q"], (z, q["indices"])
     aux = t.quantizer_weight * q["loss"]
     metrics.update(quantizer_loss=q["loss"], usage=q["usage"], perplexity=q["perplexity"])
+  hidden, rec = decode_with_hidden(model, latent)
+  rec_total, parts = reconstruction_loss(rec, x, t, perceptual)
+  loss = rec_total + aux
   err = rec.astype(jnp.float32) - x
-  rec_loss = jnp.mean(jnp.abs(err)) if t.rec_loss == "l1" else jnp.mean(err ** 2)
-  loss = rec_loss + aux
   # PSNR of this batch on the [-1, 1] scale (peak-to-peak 2), as on [0, 255].
-  metrics.update(loss=loss, rec=rec_loss,
+  metrics.update(parts, loss=loss,
                  psnr=10.0 * jnp.log10(4.0 / jnp.maximum(jnp.mean(err ** 2), 1e-10)))
-  return loss, metrics, None if z is None else (z, q["indices"])
+  return loss, metrics, {"x": x, "rec": rec, "hidden": hidden, "codes": codes}
 
 
 class AutoencoderTrainer:
@@ -120,10 +166,25 @@ class AutoencoderTrainer:
         "params": shd.state_shardings(abs_params, mesh, self.rules),
         "stats": shd.state_shardings(abs_stats, mesh, self.rules),
         "opt_state": jax.tree.map(lambda _: rep, abs_opt), "step": rep}
+    abstract = {"params": abs_params, "stats": abs_stats, "opt_state": abs_opt,
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    # The perceptual net is fixed (not in the train state); read once, before any training.
+    self.perceptual = (load_perceptual(self.t.perceptual_weights)
+                       if self.t.perceptual_weight > 0 else None)
+    self.gan = self.t.disc_weight > 0
+    if self.gan:
+      # The discriminator has its own params and Adam state in the train state (checkpointed).
+      abs_disc = nnx.eval_shape(lambda: self._build_disc())
+      self.disc_graphdef, abs_disc_params = nnx.split(abs_disc, nnx.Param)
+      self.disc_tx = optax.adam(self.t.disc_lr or cfg.optim.lr, b1=0.5, b2=0.9)
+      abs_disc_opt = jax.eval_shape(self.disc_tx.init, abs_disc_params)
+      self.state_shardings.update(
+          disc_params=shd.state_shardings(abs_disc_params, mesh, self.rules),
+          disc_opt_state=jax.tree.map(lambda _: rep, abs_disc_opt))
+      abstract.update(disc_params=abs_disc_params, disc_opt_state=abs_disc_opt)
     self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        {"params": abs_params, "stats": abs_stats, "opt_state": abs_opt,
-         "step": jax.ShapeDtypeStruct((), jnp.int32)}, self.state_shardings)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_shardings)
     self.batch_sharding = shd.batch_sharding(mesh, self.rules, 4)
     self.restarts = (self.t.kind == "vq" and self.t.quantizer == "vq"
                      and self.t.dead_code_threshold > 0)
@@ -132,28 +193,88 @@ class AutoencoderTrainer:
                         out_shardings=(self.state_shardings, rep), donate_argnums=0)
     self.reconstruct = jax.jit(self._reconstruct)
 
+  def _build_disc(self):
+    return disc_lib.PatchDiscriminator(channels=self.t.disc_channels, n_layers=self.t.disc_layers,
+                                       norm=self.t.disc_norm, rngs=nnx.Rngs(self.cfg.seed + 1))
+
   def _init(self):
     model = build_tokenizer(self.t, nnx.Rngs(self.cfg.seed))
     _, params, stats = nnx.split(model, nnx.Param, QuantizerStat)
-    return {"params": params, "stats": stats, "opt_state": self.tx.init(params),
-            "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "stats": stats, "opt_state": self.tx.init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    if self.gan:
+      _, disc_params = nnx.split(self._build_disc(), nnx.Param)
+      state.update(disc_params=disc_params, disc_opt_state=self.disc_tx.init(disc_params))
+    return state
+
+  def _gan_terms(self, model, extras, disc_params, step):
+    """(weighted generator loss, metrics): disc_weight * adaptive weight * -E[D(rec)] from
+    tokenizer.disc_start on, 0 before; the adaptive weight compares the gradients of the
+    reconstruction (+ perceptual) loss and of the generator loss w.r.t. the decoder's last
+    conv kernel (taming's calculate_adaptive_weight)."""
+    t = self.t
+    disc = nnx.merge(self.disc_graphdef, jax.lax.stop_gradient(disc_params))
+    g_loss = disc_lib.generator_loss(disc(extras["rec"]))
+    conv = model.decoder.conv_out
+    hidden, bias = jax.lax.stop_gradient(extras["hidden"]), jax.lax.stop_gradient(conv.bias[...])
+    last = lambda k: jax.lax.conv_general_dilated(
+        hidden, k, (1, 1), conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    rec0, vjp = jax.vjp(last, jax.lax.stop_gradient(conv.kernel[...]))
+    d_rec = jax.grad(lambda r: reconstruction_loss(r, extras["x"], t, self.perceptual)[0])(rec0)
+    d_gan = jax.grad(lambda r: disc_lib.generator_loss(disc(r)))(rec0)
+    weight = disc_lib.adaptive_weight(vjp(d_rec)[0], vjp(d_gan)[0])
+    on = (step >= t.disc_start).astype(jnp.float32)
+    gan_weight = on * t.disc_weight * weight
+    return gan_weight * g_loss, {"g_loss": g_loss, "adaptive_weight": weight,
+                                 "gan_weight": gan_weight}
+
+  def _disc_step(self, state, x, rec, step):
+    """One Adam step of the discriminator on real x vs detached rec (a no-op before disc_start)."""
+    on = (step >= self.t.disc_start).astype(jnp.float32)
+
+    def d_loss_fn(dp):
+      disc = nnx.merge(self.disc_graphdef, dp)
+      real, fake = disc(x), disc(jax.lax.stop_gradient(rec))
+      return on * disc_lib.discriminator_loss(real, fake, self.t.disc_loss), (real, fake)
+
+    (d_loss, (real, fake)), grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+        state["disc_params"])
+    updates, opt_state = self.disc_tx.update(grads, state["disc_opt_state"], state["disc_params"])
+    params = optax.apply_updates(state["disc_params"], updates)
+    # Before disc_start neither the params nor Adam's step count move.
+    keep = lambda new, old: jnp.where(on > 0, new, old)
+    params = jax.tree.map(keep, params, state["disc_params"])
+    opt_state = jax.tree.map(keep, opt_state, state["disc_opt_state"])
+    metrics = {"d_loss": d_loss, "logits_real": jnp.mean(real), "logits_fake": jnp.mean(fake)}
+    return params, opt_state, metrics
 
   def _step(self, state, images, rng):
     params, stats, step = state["params"], state["stats"], state["step"]
     rng = jax.random.fold_in(rng, step)
 
     def loss_fn(p):
-      loss, metrics, codes = forward(nnx.merge(self.graphdef, p, stats), images, rng, self.t,
-                                     train=True)
-      return loss, (metrics, codes)
+      model = nnx.merge(self.graphdef, p, stats)
+      loss, metrics, extras = forward(model, images, rng, self.t, train=True,
+                                      perceptual=self.perceptual)
+      if self.gan:
+        g_term, gan_metrics = self._gan_terms(model, extras, state["disc_params"], step)
+        loss = loss + g_term
+        metrics = dict(metrics, **gan_metrics, loss=loss)
+      return loss, (metrics, extras)
 
-    (_, (metrics, codes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (_, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(step))
+    new_state = {}
+    if self.gan:
+      disc_params, disc_opt, d_metrics = self._disc_step(state, extras["x"], extras["rec"], step)
+      new_state.update(disc_params=disc_params, disc_opt_state=disc_opt)
+      metrics.update(d_metrics)
     if self.t.kind == "vq" and self.t.quantizer == "vq":
-      # EMA cluster sizes (and codebook with ema) from this batch, then dead-code restarts.
-      z, indices = codes
+      # EMA cluster sizes (and codebook with ema) from this batch, then dead-code restarts;
+      # from the same z (pre-update encoder) whose codes the straight-through pass used.
+      z, indices = extras["codes"]
       model = nnx.merge(self.graphdef, params, stats)
       model.quantizer.ema_update(z, indices)
       _, params, stats = nnx.split(model, nnx.Param, QuantizerStat)
@@ -161,12 +282,14 @@ class AutoencoderTrainer:
       model = nnx.merge(self.graphdef, params, stats)
       dead = model.quantizer.restart_dead_codes(z, jax.random.fold_in(rng, 1),
                                                 self.t.dead_code_threshold)
-      now = (step + 1) % self.t.restart_every == 0
+      # Always at the first step: cluster sizes start at 0, so this seeds the codebook from data.
+      now = (step == 0) | ((step + 1) % self.t.restart_every == 0)
       _, new_params, new_stats = nnx.split(model, nnx.Param, QuantizerStat)
       pick = lambda new, old: jnp.where(now, new, old)
       params, stats = jax.tree.map(pick, new_params, params), jax.tree.map(pick, new_stats, stats)
       metrics["restarted"] = jnp.where(now, dead.sum(), 0).astype(jnp.float32)
-    return {"params": params, "stats": stats, "opt_state": opt_state, "step": step + 1}, metrics
+    new_state.update(params=params, stats=stats, opt_state=opt_state, step=step + 1)
+    return new_state, metrics
 
   def _reconstruct(self, params, stats, images):
     """uint8 images -> (uint8 reconstructions, code indices (vq) or latent means (vae));
