@@ -150,3 +150,39 @@ def _initial_disc_params(cfg):
   from unimm.parallel import sharding as shd
   trainer = ae.AutoencoderTrainer(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
   return jax.tree.leaves(jax.device_get(nnx.split(trainer._build_disc(), nnx.Param)[1]))
+
+
+def _folder(path, good, bad):
+  """A converted-style folder: `good` Shapes pairs (64x64 PNG) then `bad` records whose
+  image bytes are not an image."""
+  from unimm.data import fixtures, records
+  w = records.ShardWriter(str(path))
+  pairs = fixtures.shapes_pairs(good, image_size=64)
+  for png, caption in pairs:
+    w.write({"task": "t2i", "segments": [{"kind": "text", "text": caption, "loss": False},
+                                          {"kind": "image", "bytes": png, "role": "target"}]})
+  for _ in range(bad):
+    w.write({"task": "t2i", "segments": [{"kind": "image", "bytes": b"not an image", "role": "target"}]})
+  w.close({"format": "test"})
+  return [records.decode_image(png, size=(16, 16)) for png, _ in pairs]
+
+
+def test_trains_on_a_data_source_and_counts_its_bad_records(tmp_path):
+  import numpy as np
+  good = _folder(tmp_path / "folder", 3, 1)
+  c = tiny(steps=2)
+  c.data.mixture = str(tmp_path / "folder")
+  batch = ae.ImageStream(c).batch(0)
+  assert batch.shape == (4, 16, 16, 3)
+  assert all(any(np.array_equal(x, g) for g in good) for x in batch)  # images of the folder
+  _train(c, tmp_path / "work")
+  last = _metrics(tmp_path / "work")[-1]
+  assert last["data/read/folder"] >= 8 and last["data/skipped/folder/undecodable_image"] >= 1
+
+
+def test_a_source_of_bad_records_stops_with_its_name(tmp_path):
+  _folder(tmp_path / "broken", 1, 9)
+  c = tiny(steps=2)
+  c.data.update(mixture=str(tmp_path / "broken"), error_min_records=5)
+  with pytest.raises(UserError, match="data source 'broken'.*undecodable_image"):
+    ae.ImageStream(c).batch(0)

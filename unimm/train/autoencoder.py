@@ -5,12 +5,15 @@
 
 The config is `unimm.config.defaults()` plus a `tokenizer` section
 (`tokenizer_defaults()`); the fields used are seed, data.image_size,
-data.batch_size, data.two_object_prob, optim.*, train.steps / log_every /
-ckpt_every / keep_ckpts / time_limit_s, mesh.* and tokenizer.*.
+data.batch_size, data.two_object_prob, data.mixture (data.max_error_rate,
+data.error_min_records), optim.*, train.steps / log_every / ckpt_every /
+keep_ckpts / time_limit_s, mesh.* and tokenizer.*.
 
-Data: the built-in Shapes world, one or two objects per image, a deterministic
-stream (batch `s` is drawn from seed (0, seed, s), so a resumed run sees the same
-images as an uninterrupted one); held-out images come from (1, tokenizer.eval_seed).
+Data: by default the built-in Shapes world, one or two objects per image; with
+data.mixture any source of the data pipeline (`ImageStream`). The stream is
+deterministic (batch `s` is drawn from seed (0, seed, s), so a resumed run sees
+the same images as an uninterrupted one); held-out images are Shapes scenes from
+(1, tokenizer.eval_seed) (for other images: `python -m unimm.tokenize reconstruct`).
 
 Losses: reconstruction (l1 / l2), the KL or quantizer term, optionally an LPIPS-style
 perceptual term (tokenizer.perceptual_weight, weights read from the local file
@@ -28,6 +31,7 @@ state, step and, with a discriminator, its params and optimizer state), `tb/`,
 its latest checkpoint.
 """
 
+import collections
 import json
 import math
 import os
@@ -42,6 +46,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from unimm.config import defaults, tokenizer_defaults
+from unimm.data import records
 from unimm.data.shapes import random_scene, render
 from unimm.errors import UserError, cli
 from unimm.models import discriminator as disc_lib
@@ -313,9 +318,61 @@ def shapes_images(rng, n, image_size, two_object_prob):
 
 
 def train_batch(cfg, step):
-  """The deterministic training batch number `step`."""
+  """The deterministic training batch number `step` of Shapes images."""
   rng = np.random.default_rng((0, int(cfg.seed), int(step)))
   return shapes_images(rng, cfg.data.batch_size, cfg.data.image_size, cfg.data.two_object_prob)
+
+
+class ImageStream:
+  """The tokenizer's training images: Shapes scenes (data.mixture "shapes", the default)
+  or the images of any data.mixture of the data pipeline (built-in Shapes and folders of
+  `python -m unimm.data.convert`, by weight), each decoded to data.image_size squares
+  (cover-resize + centre crop). Batch `s` draws from (0, seed, s), so a resumed run sees
+  the same images; unusable records are skipped and counted by reason (`skipped`), and
+  a source whose skipped share passes data.max_error_rate stops the run."""
+
+  def __init__(self, cfg):
+    from unimm.data import pipeline  # pylint: disable=import-outside-toplevel
+    self.cfg, self.pipeline = cfg, pipeline
+    mixture = pipeline.parse_mixture(cfg.data.mixture)
+    self.shapes_only = [loc for _, loc, _ in mixture] == ["shapes"]
+    self.sources = [] if self.shapes_only else list(pipeline.make_sources(cfg).items())
+    weights = np.array([w for _, (_, w) in self.sources], np.float64)
+    self.p = weights / weights.sum() if len(weights) else None
+    self.read = collections.Counter()
+    self.skipped = collections.defaultdict(collections.Counter)
+
+  def batch(self, step):
+    d = self.cfg.data
+    if self.shapes_only:
+      return train_batch(self.cfg, step)
+    rng = np.random.default_rng((0, int(self.cfg.seed), int(step)))
+    size = (int(d.image_size), int(d.image_size))
+    out = []
+    while len(out) < d.batch_size:
+      name, (src, _) = self.sources[rng.choice(len(self.sources), p=self.p)]
+      record = src[int(rng.integers(len(src)))]
+      self.read[name] += 1
+      try:
+        if isinstance(record, dict):  # built-in documents hold arrays
+          images = [g["image"] for g in record["segments"] if g["kind"] == "image"]
+        else:
+          images = [records.decode_image(g["bytes"], size=size)
+                    for g in records.unpack(record)["segments"]
+                    if g["kind"] == "image" and "bytes" in g]
+      except records.Skip as e:
+        self.skipped[name][e.reason] += 1
+        self.pipeline.check_error_rate(name, self.read[name], self.skipped[name],
+                                       float(d.max_error_rate), int(d.error_min_records))
+        continue
+      out.extend(images)
+    return np.stack(out[:d.batch_size])
+
+  def metrics(self):
+    out = {f"data/read/{n}": float(c) for n, c in self.read.items()}
+    out.update({f"data/skipped/{n}/{r}": float(c)
+                for n, reasons in self.skipped.items() for r, c in reasons.items()})
+    return out
 
 
 def eval_images(cfg):
@@ -386,16 +443,18 @@ def train(cfg, workdir, devices=None, log=_print):
       f"{'/' + cfg.tokenizer.quantizer if cfg.tokenizer.kind == 'vq' else ''}; "
       f"workdir {workdir}")
   rng = jax.random.key(cfg.seed)
+  stream = ImageStream(cfg)
   writer = summary_writer(os.path.join(workdir, "tb")) if start < steps else None
   t0 = time.time()
   try:
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as metrics_file:
       while step < steps:
-        state, metrics = trainer.step(state, trainer.device_batch(train_batch(cfg, step)), rng)
+        state, metrics = trainer.step(state, trainer.device_batch(stream.batch(step)), rng)
         step += 1
         out_of_time = tc.time_limit_s > 0 and time.time() - t0 > tc.time_limit_s
         if step % tc.log_every == 0 or step == steps or out_of_time or step == start + 1:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          m.update(stream.metrics())
           m.update(step=step, steps_per_s=(step - start) / (time.time() - t0))
           metrics_file.write(json.dumps(m) + "\n")
           metrics_file.flush()
