@@ -215,3 +215,36 @@ def open_records(directory):
   from unimm.data.pipeline import ConvertedSource
   src = ConvertedSource(directory)
   return [src[i] for i in range(len(src))]
+
+
+def test_next_token_sampling_matches_the_teacher_forced_model(tokenizers, tmp_path, monkeypatch):
+  """The code logits of KV-cached decoding equal those of one full forward pass over the
+  finished sequence (same positions, patch positions and mask as in training)."""
+  cfg = config(tokenizers)
+  cfg.sample.update(cfg_scale=1.0, image_temperature=0.0)
+  run = Run(cfg, str(tmp_path), devices=jax.devices()[:1])
+  state = run.trainer.init()
+  batch = run.next_batch()
+  for _ in range(3):  # away from the initial parameters
+    state, _ = run.trainer.step(state, batch, run.rng)
+  s = sampler_from_run(run, state)
+  p, tok = run.patcher, run.tokenizer
+  steps, ids = [], []  # each step's code logits; the sampled ids, as they go to the decoder
+  guided, decode = s._guided_codes, p.decode
+  def record(c, u):
+    out = guided(c, u)  # without guidance (cfg_scale 1): the code logits of the prompt
+    steps.append(np.asarray(out))
+    return out
+  monkeypatch.setattr(s, "_guided_codes", record)
+  monkeypatch.setattr(p, "decode", lambda x, **kw: ids.append(np.asarray(x)) or decode(x))
+  s.text_to_image(["a red circle"])
+  e = encode_document(D.document("t2i", [D.text("a red circle"), D.image(_image(), "target")]),
+                      tok, p, add_eos=False)
+  code_pos = np.nonzero(e["tokens"] >= p.code_offset)[0]
+  e["tokens"][code_pos] = ids[0][0]
+  b = {k: np.asarray(v)[None] for k, v in e.items()}
+  b["segment_ids"] = np.ones_like(b["tokens"])
+  b["positions"] = np.arange(b["tokens"].shape[1])[None]
+  logits, _ = s._forward(s.params, b, np.zeros(b["tokens"].shape, np.float32))
+  full = np.asarray(logits)[0, code_pos - 1, p.code_offset:p.code_offset + p.num_codes]
+  np.testing.assert_allclose(np.concatenate(steps), full, rtol=1e-4, atol=1e-4)

@@ -363,7 +363,9 @@ def test_checkpoint_that_does_not_match_its_config(tokenizers, tmp_path, capsys,
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1
-  assert "does not match the config: parameter '" in err and "in the checkpoint" in err
+  # the first mismatching parameter (tree order) and both shapes
+  assert ("does not match the config: parameter 'params.decoder.conv_in.bias' has shape (16,) "
+          "in the checkpoint but (32,) in the config") in err
 
 
 @pytest.mark.parametrize("argv,words", [

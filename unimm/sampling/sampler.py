@@ -168,7 +168,7 @@ class Sampler:
       nxt = np.concatenate([ids, ids]) if guided else ids
       step = {"tokens": nxt[:, None], "patches": np.zeros((rows, 1, p.patch_dim), np.float32),
               "modality": np.zeros((rows, 1), np.int32), "image_ids": np.zeros((rows, 1), np.int32),
-              "patch_index": np.full((rows, 1), i + 1, np.int32),
+              "patch_index": np.full((rows, 1), i, np.int32),  # code i sits at patch i
               "segment_ids": np.ones((rows, 1), np.int32),
               "positions": (lengths + i)[:, None].astype(np.int32)}
       logits, cache = self._decode(self.params, cache, step, Lp + i)
