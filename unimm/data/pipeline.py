@@ -366,7 +366,7 @@ def check_encoding_workers(cfg):
   Grain worker processes: run in the training process, its XLA:CPU programs and the
   train step's share one thread pool and can stall each other (a hang on small hosts).
   Latent caches need no encoding."""
-  if cfg.model.get("image_tokenizer", "pixels") == "pixels" or int(cfg.data.num_workers) > 0:
+  if getattr(cfg.model, "image_tokenizer", "pixels") == "pixels" or int(cfg.data.num_workers) > 0:
     return
   needs = [name for name, location, _ in parse_mixture(getattr(cfg.data, "mixture", "shapes"))
            if location == "shapes" or not check_latent_cache(location, cfg)]

@@ -249,14 +249,14 @@ def image_tokenizer(cfg):
   model.patch_size, model.image_tokenizer, model.tokenizer_path, model.latent_patch,
   model.image_loss, model.understanding)."""
   m, d = cfg.model, cfg.data
-  kind = m.get("image_tokenizer", "pixels")
+  kind = getattr(m, "image_tokenizer", "pixels")
   if kind not in IMAGE_TOKENIZERS:
     raise UserError(f"model.image_tokenizer='{kind}': use one of {', '.join(IMAGE_TOKENIZERS)}")
-  loss = m.get("image_loss", "flow")
+  loss = getattr(m, "image_loss", "flow")
   if (kind == "vq") != (loss in ("next_token", "masked")):
     raise UserError(f"model.image_loss='{loss}' does not go with model.image_tokenizer='{kind}': "
                     "'flow' trains pixels or vae latents; 'next_token' and 'masked' train vq codes")
-  max_aspect = float(d.get("max_aspect", 1.0))
+  max_aspect = float(getattr(d, "max_aspect", 1.0))
   if kind == "pixels":
     return PixelPatches(int(d.image_size), int(m.patch_size), max_aspect=max_aspect)
   if max_aspect != 1.0:
@@ -268,6 +268,6 @@ def image_tokenizer(cfg):
   from unimm.data.tokenizer import load_tokenizer
   offset = load_tokenizer(d.tokenizer).model_vocab_size()
   understanding = None
-  if m.get("understanding", "shared") == "pixels":
+  if getattr(m, "understanding", "shared") == "pixels":
     understanding = PixelPatches(int(d.image_size), int(m.patch_size))
   return CodeTokens(ae, int(d.image_size), offset, understanding, causal=loss == "next_token")

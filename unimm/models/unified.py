@@ -54,7 +54,7 @@ class UnifiedTransformer(nnx.Module):
     self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM))
     self.t_out = param(rngs, (w, w), ("embed", None), 1.0 / math.sqrt(w))
     # Janus-Pro's understanding encoder: blocks over each condition image's pixel patches alone
-    self.vit = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.get("vit_depth", 0))])
+    self.vit = nnx.List([Block(cfg, rngs=rngs) for _ in range(getattr(cfg, "vit_depth", 0))])
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.final_norm = RMSNorm(w, rngs=rngs)
     self.lm_head = param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w))

@@ -37,7 +37,7 @@ def flow_loss(v_pred, v_target, noised):
 
 def unified_loss(model, batch, rng, cfg):
   """The loss of model.image_loss on `batch`: (loss, metrics)."""
-  kind = cfg.model.get("image_loss", "flow")
+  kind = getattr(cfg.model, "image_loss", "flow")
   if kind == "masked":
     return masked_loss(model, batch, rng, cfg)
   if kind == "next_token":
