@@ -105,26 +105,15 @@ def aspect_buckets(grid: int, max_aspect: float = 1.0):
 IMAGE_TOKENIZERS = ("pixels", "vae", "vq")
 
 
-class LatentPatches:
-  """KL-VAE latents as the image tokens: the image is encoded by a trained VAE
-  (`unimm.models.autoencoder`, f-fold downsampling, c normalised channels) and
-  its latent grid cut into q x q patches (q = model.latent_patch), so a token
-  covers f*q pixels (`patch_size`) and carries q*q*c values (`patch_dim`).
-  Same interface as PixelPatches; encode / decode run the VAE (numpy in and out)."""
+class _PixelGrid:
+  """The geometry of a tokenizer whose tokens each cover patch_size x patch_size pixels
+  (grid, positions, size checks), taken from the PixelPatches of that patch size."""
 
-  def __init__(self, vae, image_size: int, latent_patch: int):
-    self.vae, self.q = vae, int(latent_patch)
-    self.f = vae.factor
-    self.pixels = PixelPatches(image_size, self.f * self.q)  # the token geometry
+  def _grid(self, image_size, patch_size):
+    self.pixels = PixelPatches(image_size, patch_size)
     for k in ("image_size", "patch_size", "grid", "num_patches", "buckets", "max_rows",
               "max_cols", "num_positions"):
       setattr(self, k, getattr(self.pixels, k))
-    self.channels = vae.channels
-    self.patch_dim = self.q * self.q * self.channels
-    self.latent = PixelPatches(image_size // self.f, self.q, channels=self.channels)
-
-  def __reduce__(self):
-    return (LatentPatches, (self.vae, self.image_size, self.q))
 
   def bucket_size(self, aspect):
     return self.pixels.bucket_size(aspect)
@@ -134,6 +123,24 @@ class LatentPatches:
 
   def check(self, image, what="image"):
     self.pixels.check(image, what)
+
+
+class LatentPatches(_PixelGrid):
+  """KL-VAE latents as the image tokens: the image is encoded by a trained VAE
+  (`unimm.models.autoencoder`, f-fold downsampling, c normalised channels) and
+  its latent grid cut into q x q patches (q = model.latent_patch), so a token
+  covers f*q pixels (`patch_size`) and carries q*q*c values (`patch_dim`).
+  Same interface as PixelPatches; encode / decode run the VAE (numpy in and out)."""
+
+  def __init__(self, vae, image_size: int, latent_patch: int):
+    self.vae, self.q = vae, int(latent_patch)
+    self.f = vae.factor
+    self._grid(image_size, self.f * self.q)
+    self.channels = vae.channels
+    self.patch_dim = self.q * self.q * self.channels
+
+  def __reduce__(self):
+    return (LatentPatches, (self.vae, self.image_size, self.q))
 
   def from_latent(self, z):
     """Latents [h, w, c] (e.g. from a latent cache) -> [N, q*q*c] tokens."""
@@ -159,7 +166,7 @@ class LatentPatches:
     return self.vae.decode(z).reshape(*lead, rows * self.patch_size, cols * self.patch_size, 3)
 
 
-class CodeTokens:
+class CodeTokens(_PixelGrid):
   """VQ codes as the image tokens (Chameleon / Emu3 / Janus-Pro generation / MaskGIT):
   one token per code of a trained VQ / FSQ / LFQ tokenizer, code k entering as token id
   `code_offset + k` of the model's vocabulary (after the text ids; `mask_id` follows
@@ -173,10 +180,7 @@ class CodeTokens:
     TEXT in the batch); else each image's codes attend to each other (masked generation)."""
     self.vq, self.code_offset, self.understanding = vq, int(code_offset), understanding
     self.causal = bool(causal)
-    self.pixels = PixelPatches(image_size, vq.factor)
-    for k in ("image_size", "patch_size", "grid", "num_patches", "buckets", "max_rows",
-              "max_cols", "num_positions"):
-      setattr(self, k, getattr(self.pixels, k))
+    self._grid(image_size, vq.factor)
     self.num_codes = vq.num_codes
     self.mask_id = self.code_offset + self.num_codes
     self.patch_dim = understanding.patch_dim if understanding is not None else 0
@@ -192,15 +196,6 @@ class CodeTokens:
   def vocab_size(self, multiple=128):
     """Embedding rows: the text ids, the codes and the mask id, rounded up."""
     return -(-(self.mask_id + 1) // multiple) * multiple
-
-  def bucket_size(self, aspect):
-    return self.pixels.bucket_size(aspect)
-
-  def patch_index(self, rows, cols):
-    return self.pixels.patch_index(rows, cols)
-
-  def check(self, image, what="image"):
-    self.pixels.check(image, what)
 
   def from_latent(self, codes):
     """Codes [h, w] -> token ids [N]."""
