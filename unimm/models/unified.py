@@ -51,15 +51,15 @@ class UnifiedTransformer(nnx.Module):
                      if patch_dim else None)
     self.patch_pos = param(rngs, (patch_grid[0] * patch_grid[1], w), ("positions", "embed"), 0.02)
     self.modality_embed = param(rngs, (3, w), (None, "embed"), 0.02)
-    self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM))
-    self.t_out = param(rngs, (w, w), ("embed", None), 1.0 / math.sqrt(w))
+    flow = code_offset is None  # the timestep embedding and the flow head serve flow models only
+    self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM)) if flow else None
+    self.t_out = param(rngs, (w, w), ("embed", None), 1.0 / math.sqrt(w)) if flow else None
     # Janus-Pro's understanding encoder: blocks over each condition image's pixel patches alone
     self.vit = nnx.List([Block(cfg, rngs=rngs) for _ in range(getattr(cfg, "vit_depth", 0))])
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.final_norm = RMSNorm(w, rngs=rngs)
     self.lm_head = param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w))
-    self.flow_head = (param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True)
-                      if code_offset is None else None)
+    self.flow_head = param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True) if flow else None
 
   def embed_inputs(self, tokens, patches, t, modality, patch_index):
     """Text ids -> the token table; image codes (vq) -> the token table plus their patch

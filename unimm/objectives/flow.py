@@ -35,14 +35,12 @@ def per_image_value(values, segment_ids, image_ids, modality):
   """values [B, L] -> each noised image's tokens all take the value at the image's first
   token (a running max over image start positions finds it); 0 elsewhere."""
   B, L = segment_ids.shape
-  t_tok = values
   prev_seg = jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
   prev_img = jnp.pad(image_ids, ((0, 0), (1, 0)))[:, :-1]
   noised = modality == NOISED_IMAGE
   start = noised & ((segment_ids != prev_seg) | (image_ids != prev_img))
   first = jax.lax.cummax(jnp.where(start, jnp.arange(L)[None, :], 0), axis=1)
-  t = jnp.take_along_axis(t_tok, first, axis=1)
-  return jnp.where(noised, t, 0.0)
+  return jnp.where(noised, jnp.take_along_axis(values, first, axis=1), 0.0)
 
 
 def add_noise(x0, eps, t):

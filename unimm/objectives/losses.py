@@ -13,7 +13,6 @@ masked codes for the masked loss.
 
 import math
 
-
 import jax
 import jax.numpy as jnp
 
