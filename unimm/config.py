@@ -46,8 +46,39 @@ def defaults() -> ml_collections.ConfigDict:
   c.model = dict(
       width=256,           # residual stream width
       depth=4,             # transformer blocks
-      heads=4,             # attention heads (head_dim = width // heads)
-      mlp_dim=768,         # SwiGLU hidden width
+      heads=4,             # attention (query) heads
+      kv_heads=0,          # key/value heads (grouped-query attention); 0: heads
+      head_dim=0,          # per-head width; 0: width // heads
+      mlp_dim=768,         # SwiGLU hidden width (dense blocks)
+      vocab_size=0,        # embedding rows; 0: the text tokenizer's (rounded up to 128)
+      qk_norm=True,        # RMSNorm on each head's queries and keys (Qwen3, BAGEL); False: Llama, Qwen2
+      qkv_bias=False,      # biases on the q/k/v projections (Qwen2)
+      norm_eps=1e-6,       # RMSNorm epsilon
+      tie_embeddings=False,  # the LM head is the transposed embedding table
+      init_from="",        # a local Hugging Face LLM directory (Llama, Qwen2/2.5, Qwen3, Qwen3-MoE): its
+                           # architecture fields replace these and its weights initialise the text model
+      moe=dict(            # routed feed-forward (HunyuanImage 3.0, Qwen3-MoE); experts=0: dense blocks
+          experts=0,       # routed experts per MoE block
+          top_k=2,         # experts per token
+          expert_dim=0,    # hidden width of each expert's SwiGLU; 0: mlp_dim
+          shared_experts=0,  # always-on experts (one SwiGLU of shared_experts * expert_dim)
+          router="softmax",  # expert scores: "softmax" or "sigmoid" (of the router logits)
+          renormalize=True,  # top-k weights divided by their sum
+          impl="ragged",   # grouped matmul: "ragged" (jax.lax.ragged_dot, dropless), "einsum" (capacity-
+                           # padded batched einsum) or "tokamax" (tokamax.ragged_dot, GPU, optional extra)
+          capacity_factor=0.0,  # einsum: slots per expert = cf * tokens * top_k / experts, overflow dropped
+                           # and counted; 0: dropless (slots = tokens)
+          every=1,         # block i is MoE when (i + 1) % every == 0 (Qwen3-MoE decoder_sparse_step)
+          dense_layers=(), # blocks that stay dense (Qwen3-MoE mlp_only_layers)
+          lb_weight=0.01,  # load-balancing loss weight (Switch: experts * sum_e load_e * mean prob_e)
+          z_weight=1e-3,   # router z-loss weight (mean logsumexp(logits)^2)
+      ),
+      mot=dict(            # mixture of transformers: per-modality QKV/O, norms and FFN, one shared attention
+          route=(0, 0, 0), # expert of (text, condition image, generated image) tokens: (0, 0, 1) BAGEL,
+                           # (0, 1, 1) LMFusion; the number of experts is max + 1
+          freeze_text=False,  # expert 0 and the embeddings / LM head get no updates (LMFusion)
+          init_copy=False, # other experts start as copies of expert 0 (BAGEL)
+      ),
       patch_size=8,        # image patch side in pixels (image tokenizer "pixels")
       image_tokenizer="pixels",  # image tokens: "pixels" (patches), "vae" (latent patches) or "vq" (codes)
       tokenizer_path="",   # vae / vq: workdir of a tokenizer trained by python -m unimm.train.autoencoder

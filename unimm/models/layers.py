@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimm.data.document import NOISED_IMAGE
+from unimm.errors import UserError
 from unimm.parallel.sharding import constrain
 
 
@@ -104,38 +105,71 @@ def attention(q, k, v, q_ids: MaskIds, kv_ids: MaskIds, impl="xla"):
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-class Attention(nnx.Module):
-  """Multi-head self-attention with QK-norm and RoPE; optional KV cache."""
+def _grouped(k, heads):
+  """[B, L, KV, D] -> [B, L, heads, D]: query head h reads key/value head h // (heads / KV)."""
+  return k if k.shape[2] == heads else jnp.repeat(k, heads // k.shape[2], axis=2)
 
-  def __init__(self, width, heads, depth, *, rngs, rope_theta, impl):
-    self.heads, self.head_dim = heads, width // heads
+
+def cached_attention(q, k, v, ids: MaskIds, cache=None, cache_index=None, impl="xla"):
+  """Writes k/v (and their mask ids) at cache_index of `cache` when given, then attends
+  over the whole cache. Returns (out [B, Lq, H, D], new cache or None)."""
+  kv_ids = ids
+  if cache is not None:
+    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
+    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+    kv_ids = MaskIds(*(jax.lax.dynamic_update_slice_in_dim(c, n, cache_index, 1)
+                       for c, n in zip(cache["ids"], ids)))
+    cache = {"k": k, "v": v, "ids": kv_ids}
+  heads = q.shape[2]
+  out = attention(q, _grouped(k, heads), _grouped(v, heads), ids, kv_ids, impl)
+  return constrain(out, ("batch", "length", "act_heads", None)), cache
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with RoPE, grouped-query heads (kv_heads), optional
+  QK-norm and q/k/v biases (Llama, Qwen2, Qwen3 layouts); optional KV cache.
+  `qkv` and `out` are the projections, so that mixture-of-transformers blocks can
+  pick them per token around one shared attention (`cached_attention`)."""
+
+  def __init__(self, cfg, *, rngs):
+    width, heads = cfg.width, cfg.heads
+    kv_heads = cfg.kv_heads or heads
+    head_dim = cfg.head_dim or width // heads
+    if heads % kv_heads:
+      raise UserError(f"model.heads={heads} is not a multiple of model.kv_heads={kv_heads}")
+    self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
     std = 1.0 / math.sqrt(width)
-    self.wq = param(rngs, (width, heads, self.head_dim), ("embed", "heads", "kv"), std)
-    self.wk = param(rngs, (width, heads, self.head_dim), ("embed", "heads", "kv"), std)
-    self.wv = param(rngs, (width, heads, self.head_dim), ("embed", "heads", "kv"), std)
-    self.wo = param(rngs, (heads, self.head_dim, width), ("heads", "kv", "embed"),
-                    std / math.sqrt(2 * depth))
-    self.q_norm = RMSNorm(self.head_dim, rngs=rngs)
-    self.k_norm = RMSNorm(self.head_dim, rngs=rngs)
-    self.rope_theta, self.impl = rope_theta, impl
+    self.wq = param(rngs, (width, heads, head_dim), ("embed", "heads", "kv"), std)
+    self.wk = param(rngs, (width, kv_heads, head_dim), ("embed", "heads", "kv"), std)
+    self.wv = param(rngs, (width, kv_heads, head_dim), ("embed", "heads", "kv"), std)
+    self.wo = param(rngs, (heads, head_dim, width), ("heads", "kv", "embed"),
+                    1.0 / math.sqrt(heads * head_dim) / math.sqrt(2 * cfg.depth))
+    bias = lambda n: param(rngs, (n, head_dim), ("heads", "kv"), zeros=True) if cfg.qkv_bias else None
+    self.bq, self.bk, self.bv = bias(heads), bias(kv_heads), bias(kv_heads)
+    norm = lambda: RMSNorm(head_dim, rngs=rngs, eps=cfg.norm_eps) if cfg.qk_norm else None
+    self.q_norm, self.k_norm = norm(), norm()
+    self.rope_theta, self.impl = cfg.rope_theta, cfg.attention
+
+  def qkv(self, x, rope_pos):
+    act = ("batch", "length", "act_heads", None)
+
+    def proj(w, b, norm):
+      y = jnp.einsum("bld,dhk->blhk", x, w.value)
+      y = y if b is None else y + b.value
+      y = y if norm is None else norm(y)
+      return constrain(y, act)
+
+    q = rope(proj(self.wq, self.bq, self.q_norm), rope_pos, self.rope_theta)
+    k = rope(proj(self.wk, self.bk, self.k_norm), rope_pos, self.rope_theta)
+    return q, k, proj(self.wv, self.bv, None)
+
+  def out(self, o):
+    return jnp.einsum("blhk,hkd->bld", o, self.wo.value)
 
   def __call__(self, x, ids: MaskIds, rope_pos, cache=None, cache_index=None):
-    act = ("batch", "length", "act_heads", None)
-    q = constrain(jnp.einsum("bld,dhk->blhk", x, self.wq.value), act)
-    k = constrain(jnp.einsum("bld,dhk->blhk", x, self.wk.value), act)
-    v = constrain(jnp.einsum("bld,dhk->blhk", x, self.wv.value), act)
-    q = rope(self.q_norm(q), rope_pos, self.rope_theta)
-    k = rope(self.k_norm(k), rope_pos, self.rope_theta)
-    kv_ids = ids
-    if cache is not None:  # write this chunk at cache_index, attend over the whole cache
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
-      kv_ids = MaskIds(*(jax.lax.dynamic_update_slice_in_dim(c, n, cache_index, 1)
-                         for c, n in zip(cache["ids"], ids)))
-      cache = {"k": k, "v": v, "ids": kv_ids}
-    out = attention(q, k, v, ids, kv_ids, self.impl)
-    out = constrain(out, act)
-    return jnp.einsum("blhk,hkd->bld", out, self.wo.value), cache
+    q, k, v = self.qkv(x, rope_pos)
+    o, cache = cached_attention(q, k, v, ids, cache, cache_index, self.impl)
+    return self.out(o), cache
 
 
 class SwiGLU(nnx.Module):
@@ -162,17 +196,59 @@ def timestep_embedding(t, dim, max_period=10_000.0):
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: attention then SwiGLU, each residual."""
+  """Pre-norm transformer block: attention then a feed-forward (SwiGLU, or a routed MoE
+  in the blocks model.moe selects), each residual.
 
-  def __init__(self, cfg, *, rngs):
-    self.attn_norm = RMSNorm(cfg.width, rngs=rngs)
-    self.attn = Attention(cfg.width, cfg.heads, cfg.depth, rngs=rngs,
-                          rope_theta=cfg.rope_theta, impl=cfg.attention)
-    self.mlp_norm = RMSNorm(cfg.width, rngs=rngs)
-    self.mlp = SwiGLU(cfg.width, cfg.mlp_dim, cfg.depth, rngs=rngs)
+  Mixture of transformers (model.mot.route with more than one expert): the block holds
+  further copies of its norms, projections and feed-forward in `modality_experts`;
+  each token uses those of its modality's expert, and all tokens share one attention.
+  """
+
+  def __init__(self, cfg, *, rngs, layer=0, modality_experts=True):
+    self.attn_norm = RMSNorm(cfg.width, rngs=rngs, eps=cfg.norm_eps)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.width, rngs=rngs, eps=cfg.norm_eps)
+    if is_moe_layer(cfg, layer):
+      from unimm.models.moe import MoE
+      self.mlp = MoE(cfg.width, cfg.moe, cfg.mlp_dim, cfg.depth, rngs=rngs)
+    else:
+      self.mlp = SwiGLU(cfg.width, cfg.mlp_dim, cfg.depth, rngs=rngs)
+    route = tuple(cfg.mot.route) if modality_experts else (0,)
+    self.route = route
+    self.modality_experts = nnx.List([Block(cfg, rngs=rngs, layer=layer, modality_experts=False)
+                                      for _ in range(max(route))])
+
+  def ffn(self, x):
+    y = self.mlp(self.mlp_norm(x))
+    if isinstance(y, tuple):  # a routed MoE: its losses and statistics go to the loss
+      y, aux = y
+      self.sow(nnx.Intermediate, "moe", aux)
+    return y
 
   def __call__(self, x, ids, rope_pos, cache=None, cache_index=None):
-    h, cache = self.attn(self.attn_norm(x), ids, rope_pos, cache, cache_index)
-    x = constrain(x + h, ("batch", "length", "act_embed"))
-    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
-    return x, cache
+    act = ("batch", "length", "act_embed")
+    if not len(self.modality_experts):
+      h, cache = self.attn(self.attn_norm(x), ids, rope_pos, cache, cache_index)
+      x = constrain(x + h, act)
+      return constrain(x + self.ffn(x), act), cache
+    parts = [self, *self.modality_experts]
+    expert = jnp.asarray(self.route, jnp.int32)[ids.modality]
+
+    def pick(values):  # per token, the value of its modality's expert
+      def one(*xs):
+        out = xs[0]
+        for m, x in enumerate(xs[1:], 1):
+          out = jnp.where((expert == m).reshape(expert.shape + (1,) * (x.ndim - 2)), x, out)
+        return out
+      return jax.tree.map(one, *values)
+
+    q, k, v = pick([p.attn.qkv(p.attn_norm(x), rope_pos) for p in parts])
+    o, cache = cached_attention(q, k, v, ids, cache, cache_index, self.attn.impl)
+    x = constrain(x + pick([p.attn.out(o) for p in parts]), act)
+    return constrain(x + pick([p.ffn(x) for p in parts]), act), cache
+
+
+def is_moe_layer(cfg, layer):
+  """Whether block `layer` routes its feed-forward (model.moe: experts, every, dense_layers)."""
+  moe = cfg.moe
+  return moe.experts > 0 and (layer + 1) % moe.every == 0 and layer not in tuple(moe.dense_layers)

@@ -55,10 +55,14 @@ class UnifiedTransformer(nnx.Module):
     self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM)) if flow else None
     self.t_out = param(rngs, (w, w), ("embed", None), 1.0 / math.sqrt(w)) if flow else None
     # Janus-Pro's understanding encoder: blocks over each condition image's pixel patches alone
-    self.vit = nnx.List([Block(cfg, rngs=rngs) for _ in range(getattr(cfg, "vit_depth", 0))])
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
-    self.final_norm = RMSNorm(w, rngs=rngs)
-    self.lm_head = param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w))
+    self.vit = nnx.List([Block(_dense(cfg), rngs=rngs, modality_experts=False)
+                         for _ in range(getattr(cfg, "vit_depth", 0))])
+    self.blocks = nnx.List([Block(cfg, rngs=rngs, layer=i) for i in range(cfg.depth)])
+    self.final_norm = RMSNorm(w, rngs=rngs, eps=cfg.norm_eps)
+    self.kv_heads, self.head_dim = cfg.kv_heads or cfg.heads, cfg.head_dim or w // cfg.heads
+    # tied: the logits are the residual stream times the transposed embedding table
+    self.lm_head = (None if cfg.tie_embeddings else
+                    param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w)))
     self.flow_head = param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True) if flow else None
 
   def embed_inputs(self, tokens, patches, t, modality, patch_index):
@@ -106,7 +110,8 @@ class UnifiedTransformer(nnx.Module):
       if cache is not None:
         new_cache.append(c)
     x = self.final_norm(x)
-    logits = constrain((x @ self.lm_head.value).astype(jnp.float32), ("batch", "length", "act_vocab"))
+    head = self.embed.value.T if self.lm_head is None else self.lm_head.value
+    logits = constrain((x @ head).astype(jnp.float32), ("batch", "length", "act_vocab"))
     flow = None if self.flow_head is None else (x @ self.flow_head.value).astype(jnp.float32)
     return logits, flow, new_cache
 
@@ -122,15 +127,28 @@ class UnifiedTransformer(nnx.Module):
     return jnp.stack([positions, row, col], axis=-1)
 
   def init_cache(self, batch, length, dtype=jnp.float32):
-    """Empty KV cache: per block k/v [B, C, H, Dh] and the mask ids of each slot."""
-    shape = (batch, length, self.heads, self.width // self.heads)
+    """Empty KV cache: per block k/v [B, C, KV heads, Dh] and the mask ids of each slot."""
+    shape = (batch, length, self.kv_heads, self.head_dim)
     ids = lambda: MaskIds(*(jnp.zeros((batch, length), jnp.int32) for _ in MaskIds._fields))
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "ids": ids()}
             for _ in range(self.depth)]
 
 
+def _dense(cfg):
+  """The model config with dense feed-forwards and no modality experts (the ViT's blocks)."""
+  dense = cfg.copy_and_resolve_references()
+  dense.moe.experts, dense.mot.route = 0, (0,)
+  return dense
+
+
 def build_model(cfg, *, vocab_size, seed=None):
-  """The unified model for a full config (model + data fields)."""
+  """The unified model for a full config (model + data fields). vocab_size: the text
+  tokenizer's; model.vocab_size, when set, must cover it and replaces it."""
+  if cfg.model.vocab_size:
+    if cfg.model.vocab_size < vocab_size:
+      raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the text tokenizer's "
+                      f"{vocab_size} ids: set model.vocab_size >= {vocab_size} or 0")
+    vocab_size = cfg.model.vocab_size
   patcher = image_tokenizer(cfg)
   code_offset = mask_id = None
   if getattr(patcher, "discrete", False):  # the vocabulary grows by the codebook and a mask id
@@ -139,4 +157,32 @@ def build_model(cfg, *, vocab_size, seed=None):
       cfg.model, vocab_size=vocab_size, patch_dim=patcher.patch_dim,
       patch_grid=(patcher.max_rows, patcher.max_cols), code_offset=code_offset, mask_id=mask_id,
       rngs=nnx.Rngs(cfg.seed if seed is None else seed))
+  if cfg.model.mot.init_copy:
+    copy_text_expert(model)
   return model, patcher
+
+
+def copy_text_expert(model):
+  """Mixture of transformers: every modality expert of every block becomes a copy of the
+  block's expert 0 (BAGEL initialises its generation expert from the language model)."""
+  for block in model.blocks:
+    for expert in block.modality_experts:
+      for part in ("attn_norm", "attn", "mlp_norm", "mlp"):
+        nnx.update(getattr(expert, part), nnx.state(getattr(block, part), nnx.Param))
+
+
+def parameter_counts(model, cfg):
+  """(total, active per token) parameter counts of a model (concrete or from nnx.eval_shape):
+  a routed block counts top_k of its experts as active, a mixture-of-transformers block one
+  modality expert."""
+  total = active = 0
+  for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    n = math.prod(p.value.shape)
+    keys = [str(k) for k in path]
+    total += n
+    if "modality_experts" in keys:
+      continue  # one expert's worth is counted with expert 0
+    if len(keys) > 3 and keys[3] in ("w_gate", "w_up", "w_down") and len(p.value.shape) == 3:
+      n = n * cfg.moe.top_k // cfg.moe.experts  # routed experts [E, ...]
+    active += n
+  return total, active

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from unimm.data.document import NOISED_IMAGE
 from unimm.objectives import flow
@@ -35,13 +36,38 @@ def flow_loss(v_pred, v_target, noised):
 
 
 def unified_loss(model, batch, rng, cfg):
-  """The loss of model.image_loss on `batch`: (loss, metrics)."""
+  """The loss of model.image_loss on `batch`, plus the routers' losses of MoE blocks:
+  (loss, metrics)."""
   kind = getattr(cfg.model, "image_loss", "flow")
   if kind == "masked":
-    return masked_loss(model, batch, rng, cfg)
-  if kind == "next_token":
-    return next_token_only_loss(model, batch, cfg)
-  return flow_matching_loss(model, batch, rng, cfg)
+    loss, metrics = masked_loss(model, batch, rng, cfg)
+  elif kind == "next_token":
+    loss, metrics = next_token_only_loss(model, batch, cfg)
+  else:
+    loss, metrics = flow_matching_loss(model, batch, rng, cfg)
+  return add_router_losses(model, loss, metrics, cfg.model.moe)
+
+
+def add_router_losses(model, loss, metrics, moe):
+  """Adds lb_weight * load-balancing + z_weight * z-loss (each averaged over the MoE
+  blocks of the forward pass that just ran) and the routing statistics: moe_load/{e}
+  (share of assignments per expert, averaged over blocks), moe_max_load (the largest
+  max/mean expert load of any block), moe_dropped (share of dropped assignments),
+  moe_entropy (mean router entropy)."""
+  sown = nnx.pop(model, nnx.Intermediate)
+  aux = jax.tree.leaves(sown, is_leaf=lambda x: isinstance(x, dict) and "lb_loss" in x)
+  aux = [a for a in aux if isinstance(a, dict)]
+  if not aux:
+    return loss, metrics
+  mean = lambda k: sum(a[k] for a in aux) / len(aux)
+  lb, z = mean("lb_loss"), mean("z_loss")
+  loss = loss + moe.lb_weight * lb + moe.z_weight * z
+  load = mean("load")
+  metrics = dict(metrics, loss=loss, moe_lb=lb, moe_z=z, moe_entropy=mean("entropy"),
+                 moe_max_load=jnp.max(jnp.stack([jnp.max(a["load"]) * a["load"].shape[0] for a in aux])),
+                 moe_dropped=sum(a["dropped"] for a in aux) / sum(a["assignments"] for a in aux))
+  metrics.update({f"moe_load/{e}": load[e] for e in range(load.shape[0])})
+  return loss, metrics
 
 
 def _forward(model, batch, tokens, t):

@@ -23,7 +23,10 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "patches", "modality", "image_id
               "patch_index", "segment_ids", "positions")
 
 
-def make_optimizer(optim, steps):
+def make_optimizer(optim, steps, frozen=None):
+  """AdamW on a warmup-cosine schedule with global-norm clipping. frozen: a function
+  (params -> pytree of bools) naming parameters that get no update (their Adam moments
+  stay allocated, at zero)."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.lr, warmup_steps=min(optim.warmup_steps, max(steps - 1, 1)),
       decay_steps=max(steps, optim.warmup_steps + 1), end_value=optim.lr * optim.final_lr_fraction)
@@ -31,7 +34,28 @@ def make_optimizer(optim, steps):
       optax.clip_by_global_norm(optim.clip_norm),
       optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
                   mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params)))
+  if frozen is not None:  # zero their gradients (before clipping) and their decayed updates
+    zero = optax.masked(optax.set_to_zero(), frozen)
+    tx = optax.chain(zero, tx, zero)
   return tx, schedule
+
+
+TEXT_MODEL = ("embed", "lm_head", "final_norm", "blocks")
+MODALITY_PARTS = ("attn_norm", "attn", "mlp_norm", "mlp")
+
+
+def text_expert(params):
+  """True for the parameters of the language model (LMFusion's frozen text expert): the
+  token table, LM head, final norm and each block's expert-0 norms, attention projections
+  and feed-forward; False for image-side parameters and the other modality experts."""
+
+  def one(path, _):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys[0] != "blocks":
+      return keys[0] in TEXT_MODEL
+    return keys[2] in MODALITY_PARTS
+
+  return jax.tree_util.tree_map_with_path(one, params)
 
 
 class Trainer:
@@ -40,12 +64,17 @@ class Trainer:
   def __init__(self, cfg, mesh, vocab_size):
     if cfg.model.dtype not in DTYPES:
       raise UserError(f"model.dtype='{cfg.model.dtype}': use one of {', '.join(DTYPES)}")
+    experts, ep = cfg.model.moe.experts, mesh.shape["expert"]
+    if experts and experts % ep:
+      raise UserError(f"model.moe.experts={experts} does not divide over mesh.expert={ep}: use a "
+                      f"multiple of {ep} experts or a mesh.expert that divides {experts}")
     self.cfg, self.mesh, self.rules = cfg, mesh, tuple(tuple(r) for r in cfg.mesh.rules)
     self.vocab_size = vocab_size
     self.dtype = DTYPES[cfg.model.dtype]
     abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size=vocab_size)[0])
     self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    self.tx, self.schedule = make_optimizer(
+        cfg.optim, cfg.train.steps, frozen=text_expert if cfg.model.mot.freeze_text else None)
     self.param_shardings = shd.state_shardings(abstract_params, mesh, self.rules)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     rep = shd.replicated(mesh)

@@ -1,0 +1,280 @@
+"""Routed MoE: parity with a dense per-expert reference, capacity drops, aux statistics,
+expert-parallel equivalence on the 8 fake CPU devices, one-line errors.
+
+Tiny shapes throughout: D=16, expert hidden F=8, E=8 experts, top_k=2, T=64 tokens.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from unimm.config import DEFAULT_RULES, defaults
+from unimm.errors import UserError
+from unimm.models.moe import MoE
+from unimm.parallel import sharding as shd
+
+D, F, E, K = 16, 8, 8, 2
+RTOL = 1e-5
+
+
+def moe_cfg(**kw):
+  c = defaults().model.moe
+  c.update(experts=E, top_k=K, expert_dim=F)
+  c.update(**kw)
+  return c
+
+
+def make(seed=0, **kw):
+  return MoE(D, moe_cfg(**kw), 4 * D, 2, rngs=nnx.Rngs(seed))
+
+
+def inputs(b=4, l=16, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((b, l, D)), jnp.float32)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  ref = np.max(np.abs(b))
+  diff = np.max(np.abs(a - b))
+  return 0.0 if diff == 0 else diff / ref
+
+
+def _silu(v):
+  return v / (1.0 + np.exp(-v))
+
+
+def _swiglu(x, wg, wu, wd):
+  return (_silu(x @ wg) * (x @ wu)) @ wd
+
+
+def reference(model, x, capacity=None):
+  """Dense float64 reference: every expert on every token, masked by the routing.
+
+  capacity: slots per expert, filled first choices first (token order), then second choices.
+  """
+  p = {n: np.asarray(getattr(model, n).value, np.float64)
+       for n in ("router", "w_gate", "w_up", "w_down")}
+  xf = np.asarray(x, np.float64).reshape(-1, D)
+  t = xf.shape[0]
+  logits = xf @ p["router"]
+  if model.router_kind == "softmax":
+    ex = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = ex / ex.sum(-1, keepdims=True)
+    scores = probs
+  else:
+    scores = 1.0 / (1.0 + np.exp(-logits))
+    probs = scores / scores.sum(-1, keepdims=True)
+  top = np.argsort(-scores, axis=-1, kind="stable")[:, :K]  # [T, K]
+  w = np.take_along_axis(scores, top, axis=-1)
+  if model.renormalize:
+    w = w / w.sum(-1, keepdims=True)
+  kept = np.ones_like(top, bool)
+  if capacity is not None:
+    used = np.zeros(E, int)
+    for j in range(K):
+      for i in range(t):
+        e = top[i, j]
+        kept[i, j] = used[e] < capacity
+        used[e] += 1
+  y = np.zeros_like(xf)
+  for e in range(E):
+    we = np.sum(w * (top == e) * kept, axis=-1)
+    y += we[:, None] * _swiglu(xf, p["w_gate"][e], p["w_up"][e], p["w_down"][e])
+  if model.shared is not None:
+    s = model.shared
+    y += _swiglu(xf, *(np.asarray(v.value, np.float64) for v in (s.w_gate, s.w_up, s.w_down)))
+  counts = np.bincount(top.reshape(-1), minlength=E)
+  load = counts / (t * K)
+  mx = logits.max(-1)
+  lse = mx + np.log(np.exp(logits - mx[:, None]).sum(-1))
+  aux = dict(load=load, lb_loss=E * np.sum(load * probs.mean(0)), z_loss=np.mean(lse ** 2),
+             entropy=np.mean(-np.sum(probs * np.log(probs), -1)), assignments=t * K,
+             dropped=int(np.sum(~kept)))
+  return y.reshape(x.shape), aux
+
+
+@pytest.mark.parametrize("kw", [
+    dict(router="softmax", renormalize=True),
+    dict(router="softmax", renormalize=False),
+    dict(router="sigmoid", renormalize=True),
+    dict(router="sigmoid", renormalize=False),
+    dict(router="softmax", renormalize=True, shared_experts=2),
+], ids=["softmax-renorm", "softmax", "sigmoid-renorm", "sigmoid", "shared"])
+def test_matches_dense_reference(kw):
+  model, x = make(**kw), inputs()
+  y, aux = jax.jit(lambda m, v: m(v))(model, x)
+  ref_y, ref_aux = reference(model, x)
+  assert y.shape == x.shape and y.dtype == x.dtype
+  assert rel_err(y, ref_y) <= RTOL, rel_err(y, ref_y)
+  for name in ("load", "lb_loss", "z_loss", "entropy"):
+    assert aux[name].dtype == jnp.float32
+    np.testing.assert_allclose(aux[name], ref_aux[name], rtol=RTOL, atol=1e-7, err_msg=name)
+  assert float(aux["dropped"]) == 0 and float(aux["assignments"]) == 64 * K
+  np.testing.assert_allclose(float(jnp.sum(aux["load"])), 1.0, rtol=1e-6)
+
+
+def _loss_and_grads(model, x):
+  graphdef, state = nnx.split(model)
+
+  def loss(st, v):
+    y, aux = nnx.merge(graphdef, st)(v)
+    return jnp.mean(y * y) + aux["lb_loss"] + aux["z_loss"], (y, aux)
+
+  (val, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
+  return val, y, aux, grads
+
+
+def test_einsum_dropless_equals_ragged():
+  x = inputs()
+  val_r, y_r, _, g_r = _loss_and_grads(make(impl="ragged"), x)
+  val_e, y_e, aux_e, g_e = _loss_and_grads(make(impl="einsum", capacity_factor=0.0), x)
+  assert float(aux_e["dropped"]) == 0
+  assert rel_err(y_e, y_r) <= 1e-6
+  assert abs(float(val_e) - float(val_r)) <= 1e-6 * abs(float(val_r))
+  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(g_e)[0],
+                               jax.tree_util.tree_flatten_with_path(g_r)[0]):
+    assert rel_err(a, b) <= 1e-6, jax.tree_util.keystr(path)
+    assert np.abs(np.asarray(b)).max() > 0, jax.tree_util.keystr(path)
+
+
+def test_einsum_capacity_drops():
+  model, x = make(impl="einsum", capacity_factor=0.5), inputs()
+  y, aux = jax.jit(lambda m, v: m(v))(model, x)
+  cap = math.ceil(0.5 * 64 * K / E)
+  ref_y, ref_aux = reference(model, x, capacity=cap)
+  # dropped = overflow of each expert, whatever the slot order
+  counts = np.round(np.asarray(aux["load"]) * 64 * K).astype(int)
+  assert int(aux["dropped"]) == int(np.sum(np.maximum(counts - cap, 0))) == ref_aux["dropped"] > 0
+  assert rel_err(y, ref_y) <= RTOL  # dropped assignments contribute nothing
+  np.testing.assert_allclose(aux["load"], ref_aux["load"], rtol=RTOL)  # load counts before drops
+
+
+def test_aux_uniform_router_gives_unit_lb_loss():
+  model, x = make(), inputs()
+  model.router.value = jnp.zeros_like(model.router.value)  # all probs 1/E
+  _, aux = jax.jit(lambda m, v: m(v))(model, x)
+  # P_e = 1/E for every e and sum_e load_e = 1, so lb_loss = E * (1/E) = 1
+  np.testing.assert_allclose(float(aux["lb_loss"]), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(aux["entropy"]), math.log(E), rtol=1e-6)
+  np.testing.assert_allclose(float(aux["z_loss"]), math.log(E) ** 2, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- expert parallelism
+
+MESHES = [(4, 1, 1, 2), (2, 1, 1, 4), (1, 1, 1, 8), (2, 1, 2, 2), (1, 2, 1, 4), (1, 1, 2, 4),
+          (2, 2, 2, 1)]  # the last: no expert parallelism, hidden dim over tensor
+
+
+def _run_on_mesh(model, x, mesh):
+  graphdef, state = nnx.split(model)
+  if mesh is not None:
+    state = jax.device_put(state, shd.state_shardings(state, mesh, DEFAULT_RULES))
+    x = jax.device_put(x, shd.batch_sharding(mesh, DEFAULT_RULES, 3))
+
+  def loss(st, v):
+    y, aux = nnx.merge(graphdef, st)(v)
+    return jnp.mean(y * y) + aux["lb_loss"] + aux["z_loss"], aux
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))  # fresh: traced per mesh
+  if mesh is None:
+    return jax.device_get(fn(state, x)), ""
+  with shd.use_mesh_rules(mesh, DEFAULT_RULES):
+    compiled = fn.lower(state, x).compile()
+  return jax.device_get(compiled(state, x)), compiled.as_text()
+
+
+@pytest.fixture(scope="module")
+def ep_reference():
+  cache = {}
+
+  def get(impl):
+    if impl not in cache:
+      model = make(impl=impl, shared_experts=1)
+      cache[impl] = _run_on_mesh(model, inputs(8, 8, seed=2), None)[0]
+    return cache[impl]
+  return get
+
+
+def _check_ep(impl, axes, ep_reference):
+  assert len(jax.devices()) == 8, "conftest.py should give 8 fake CPU devices"
+  mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, axes)))
+  (ref_loss, ref_aux), ref_grads = ep_reference(impl)
+  model = make(impl=impl, shared_experts=1)
+  ((loss, aux), grads), hlo = _run_on_mesh(model, inputs(8, 8, seed=2), mesh)
+  # really expert-parallel: tokens travel to the experts' shards and back
+  assert ("all-to-all" in hlo) == (axes[3] > 1)
+  assert abs(float(loss) - float(ref_loss)) <= RTOL * abs(float(ref_loss))
+  assert float(aux["dropped"]) == 0 and float(aux["assignments"]) == 64 * K
+  for name in ("lb_loss", "z_loss", "entropy", "load"):
+    assert rel_err(aux[name], ref_aux[name]) <= RTOL, name
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  flat_ref = jax.tree_util.tree_flatten_with_path(ref_grads)[0]
+  assert len(flat) == len(flat_ref) == 8  # router, w_gate, w_up, w_down, shared x3, x
+  for (path, a), (_, b) in zip(flat, flat_ref):
+    assert np.abs(np.asarray(b)).max() > 0, jax.tree_util.keystr(path)
+    assert rel_err(a, b) <= RTOL, (jax.tree_util.keystr(path), rel_err(a, b))
+  worst = max(rel_err(a, b) for (_, a), (_, b) in zip(flat, flat_ref))
+  print(f"\n[{impl} {axes}] loss rel err {abs(float(loss) / float(ref_loss) - 1):.1e}, "
+        f"grads max rel err {worst:.1e}")
+
+
+@pytest.mark.parametrize("axes", MESHES, ids=["-".join(map(str, m)) for m in MESHES])
+def test_expert_parallel_matches_single_device(axes, ep_reference):
+  _check_ep("ragged", axes, ep_reference)
+
+
+def test_expert_parallel_einsum_dropless(ep_reference):
+  _check_ep("einsum", (2, 1, 2, 2), ep_reference)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def assert_one_line(excinfo, *words):
+  msg = str(excinfo.value)
+  assert excinfo.type is UserError, f"{excinfo.type.__name__}: {msg}"
+  assert "\n" not in msg, msg
+  for w in words:
+    assert w in msg, f"{w!r} not in {msg!r}"
+
+
+def test_error_top_k_larger_than_experts():
+  with pytest.raises(UserError) as e:
+    MoE(D, moe_cfg(experts=8, top_k=9), 4 * D, 2, rngs=nnx.Rngs(0))
+  assert_one_line(e, "model.moe.top_k=9", "model.moe.experts=8", "top_k <= experts")
+  with pytest.raises(UserError) as e:
+    make(top_k=0)
+  assert_one_line(e, "model.moe.top_k=0")
+
+
+def test_error_unknown_impl_and_router():
+  with pytest.raises(UserError) as e:
+    make(impl="megablocks")
+  assert_one_line(e, "megablocks", "ragged", "einsum", "tokamax")
+  with pytest.raises(UserError) as e:
+    make(router="relu")
+  assert_one_line(e, "relu", "softmax", "sigmoid")
+
+
+def test_error_experts_not_divisible_over_expert_axis():
+  mesh = shd.make_mesh(dict(data=2, fsdp=1, tensor=1, expert=4))
+  model = MoE(D, moe_cfg(experts=6), 4 * D, 2, rngs=nnx.Rngs(0))
+  with shd.use_mesh_rules(mesh, DEFAULT_RULES), pytest.raises(UserError) as e:
+    model(inputs(8, 8))
+  assert_one_line(e, "model.moe.experts=6", "mesh.expert=4", "multiple of 4")
+
+
+def test_error_tokamax_missing():
+  try:
+    import tokamax  # noqa: F401
+    pytest.skip("tokamax is installed")
+  except ImportError:
+    pass
+  model = make(impl="tokamax")
+  with pytest.raises(UserError) as e:
+    model(inputs())
+  assert_one_line(e, "tokamax", "pip install", "'ragged' or 'einsum'")
