@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae test clean
+.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae moe mot test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ janus: runs/vq_shapes/eval.json
 
 transfusion-vae: runs/vae_shapes/eval.json
 	$(PY) -m unimm.train --config configs/transfusion_vae.py --workdir runs/transfusion_vae
+
+moe: setup
+	$(PY) -m unimm.train --config configs/moe_unified.py --workdir runs/moe_unified
+
+mot: setup
+	$(PY) -m unimm.train --config configs/mot.py --workdir runs/mot
 
 test: setup
 	$(PY) -m pytest -q tests

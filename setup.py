@@ -34,5 +34,7 @@ setup(
         "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.40", "vector-quantize-pytorch>=1.32"],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
+        # model.moe.impl="tokamax": the Mosaic GPU grouped matmul (needs jax >= 0.11.1)
+        "tokamax": ["tokamax", "jax>=0.11.1"],
     },
 )

@@ -278,3 +278,22 @@ def test_error_tokamax_missing():
   with pytest.raises(UserError) as e:
     model(inputs())
   assert_one_line(e, "tokamax", "pip install", "'ragged' or 'einsum'")
+
+
+@pytest.mark.parametrize("impl", ["ragged", "einsum"])
+def test_padding_is_routed_nowhere(impl):
+  """mask=False tokens get no expert rows, no capacity slots and no share of the statistics:
+  the real tokens' outputs and statistics equal those of the real tokens alone."""
+  cfg = moe_cfg(impl=impl, capacity_factor=0.0)
+  moe = MoE(D, cfg, F, 2, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 32, D))
+  mask = jnp.arange(32)[None, :] < jnp.array([[20], [32]])  # row 0: 12 padding tokens
+  y, aux = moe(x, mask)
+  real = jnp.concatenate([x[0, :20], x[1]])[None]
+  y_real, aux_real = moe(real)
+  np.testing.assert_allclose(jnp.concatenate([y[0, :20], y[1]]), y_real[0], atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(y[0, 20:]), 0.0)
+  for k in ("lb_loss", "z_loss", "entropy", "assignments"):
+    np.testing.assert_allclose(aux[k], aux_real[k], rtol=1e-6, err_msg=k)
+  np.testing.assert_allclose(aux["load"], aux_real["load"], atol=1e-7)
+  assert float(aux["assignments"]) == 52 * cfg.top_k and float(aux["dropped"]) == 0

@@ -218,11 +218,14 @@ class Block(nnx.Module):
     self.modality_experts = nnx.List([Block(cfg, rngs=rngs, layer=layer, modality_experts=False)
                                       for _ in range(max(route))])
 
-  def ffn(self, x):
-    y = self.mlp(self.mlp_norm(x))
-    if isinstance(y, tuple):  # a routed MoE: its losses and statistics go to the loss
-      y, aux = y
-      self.sow(nnx.Intermediate, "moe", aux)
+  def ffn(self, x, tokens):
+    """The feed-forward of this block (or modality expert); tokens [B, L] bool: the tokens
+    whose output is used (a routed MoE routes only those: not padding, nor in a mixture of
+    transformers another expert's tokens); its losses and statistics go to the loss."""
+    if isinstance(self.mlp, SwiGLU):
+      return self.mlp(self.mlp_norm(x))
+    y, aux = self.mlp(self.mlp_norm(x), tokens)
+    self.sow(nnx.Intermediate, "moe", aux)
     return y
 
   def __call__(self, x, ids, rope_pos, cache=None, cache_index=None):
@@ -230,7 +233,7 @@ class Block(nnx.Module):
     if not len(self.modality_experts):
       h, cache = self.attn(self.attn_norm(x), ids, rope_pos, cache, cache_index)
       x = constrain(x + h, act)
-      return constrain(x + self.ffn(x), act), cache
+      return constrain(x + self.ffn(x, ids.segment > 0), act), cache
     parts = [self, *self.modality_experts]
     expert = jnp.asarray(self.route, jnp.int32)[ids.modality]
 
@@ -245,7 +248,9 @@ class Block(nnx.Module):
     q, k, v = pick([p.attn.qkv(p.attn_norm(x), rope_pos) for p in parts])
     o, cache = cached_attention(q, k, v, ids, cache, cache_index, self.attn.impl)
     x = constrain(x + pick([p.attn.out(o) for p in parts]), act)
-    return constrain(x + pick([p.ffn(x) for p in parts]), act), cache
+    real = ids.segment > 0
+    return constrain(x + pick([p.ffn(x, real & (expert == m)) for m, p in enumerate(parts)]),
+                     act), cache
 
 
 def is_moe_layer(cfg, layer):

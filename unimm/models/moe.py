@@ -43,7 +43,10 @@ aux (float32 scalars, statistics of the whole global batch, psum'ed over the tok
   dropped      assignments dropped for capacity (0 on dropless paths)
   assignments  T * k
   entropy      mean over tokens of the entropy of the router probabilities
-Padding tokens are routed and counted like any other token (no mask).
+Padding: `MoE(...)(x, mask)` with mask [B, L] (True for real tokens; the blocks pass
+segment_ids > 0) leaves padding out of everything: it is routed nowhere (no expert rows,
+no capacity slots, not counted as dropped), its output is 0 (plus the shared expert), and
+the statistics above are over real tokens only. Without a mask every token is real.
 """
 
 import math
@@ -92,8 +95,9 @@ def _ragged_dot_fn(impl):
   return jax.lax.ragged_dot
 
 
-def _route(x, router, top_k, kind, renormalize):
-  """x [T, D] -> top-k weights [T, k] f32, experts [T, k] int32 and per-shard statistic sums."""
+def _route(x, valid, router, top_k, kind, renormalize):
+  """x [T, D], valid [T] bool -> top-k weights [T, k] f32, experts [T, k] int32 (E for padding
+  tokens: routed nowhere) and per-shard statistic sums over the valid tokens."""
   logits = x.astype(jnp.float32) @ router.astype(jnp.float32)  # [T, E]
   if kind == "softmax":
     probs = jax.nn.softmax(logits, axis=-1)
@@ -105,19 +109,21 @@ def _route(x, router, top_k, kind, renormalize):
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   num_experts = logits.shape[-1]
+  experts = jnp.where(valid[:, None], experts, num_experts)  # one_hot(E) is all zeros
+  v = valid.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   stats = {
       "counts": jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=(0, 1)),
-      "prob_sum": jnp.sum(probs, axis=0),
-      "z_sum": jnp.sum(lse * lse),
-      "entropy_sum": -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30))),
-      "tokens": jnp.float32(x.shape[0]),
+      "prob_sum": jnp.sum(probs * v[:, None], axis=0),
+      "z_sum": jnp.sum(lse * lse * v),
+      "entropy_sum": -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)) * v[:, None]),
+      "tokens": jnp.sum(v),
   }
   return weights, experts.astype(jnp.int32), stats
 
 
 def _aux(stats, top_k, dropped):
-  tokens = stats["tokens"]
+  tokens = jnp.maximum(stats["tokens"], 1.0)
   load = stats["counts"] / (tokens * top_k)
   mean_prob = stats["prob_sum"] / tokens
   return {
@@ -125,7 +131,7 @@ def _aux(stats, top_k, dropped):
       "z_loss": stats["z_sum"] / tokens,
       "load": load,
       "dropped": jnp.asarray(dropped, jnp.float32),
-      "assignments": tokens * top_k,
+      "assignments": stats["tokens"] * top_k,
       "entropy": stats["entropy_sum"] / tokens,
   }
 
@@ -151,17 +157,17 @@ def _experts_ragged(x, weights, experts, w_gate, w_up, w_down, *, num_experts, e
   order = jnp.argsort(flat, stable=True)
   sorted_e = flat[order]
   xs = x[order // k]  # [A, D] grouped by expert
-  if ep == 1:
+  if ep == 1:  # padding (id E) sorts last, outside every group: its rows come out 0
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     out_sorted = _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes, ragged_dot)
   else:
     a = t * k
     e_loc = num_experts // ep
-    dest, local_id = sorted_e // e_loc, sorted_e % e_loc
+    dest, local_id = sorted_e // e_loc, sorted_e % e_loc  # padding: dest ep, sent nowhere
     start = jnp.cumsum(jnp.bincount(dest, length=ep)) - jnp.bincount(dest, length=ep)
-    pos = jnp.arange(a) - start[dest]  # row within its destination's buffer
-    send_x = jnp.zeros((ep, a, x.shape[-1]), x.dtype).at[dest, pos].set(xs)
-    send_id = jnp.full((ep, a), e_loc, jnp.int32).at[dest, pos].set(local_id)
+    pos = jnp.arange(a) - start[jnp.minimum(dest, ep - 1)]  # row within its destination's buffer
+    send_x = jnp.zeros((ep, a, x.shape[-1]), x.dtype).at[dest, pos].set(xs, mode="drop")
+    send_id = jnp.full((ep, a), e_loc, jnp.int32).at[dest, pos].set(local_id, mode="drop")
     axis = _axis_arg(ep_axes)
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True).reshape(ep * a, -1)
     recv_id = jax.lax.all_to_all(send_id, axis, 0, 0, tiled=True).reshape(ep * a)
@@ -170,7 +176,7 @@ def _experts_ragged(x, weights, experts, w_gate, w_up, w_down, *, num_experts, e
     r_out = _swiglu_grouped(recv_x[r_order], w_gate, w_up, w_down, group_sizes, ragged_dot)
     r_out = jnp.zeros_like(r_out).at[r_order].set(r_out).reshape(ep, a, -1)
     back = jax.lax.all_to_all(r_out, axis, 0, 0, tiled=True)
-    out_sorted = back[dest, pos]
+    out_sorted = back.at[dest, pos].get(mode="fill", fill_value=0)
   out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
   return _combine(out, weights, x.dtype)
 
@@ -182,9 +188,10 @@ def _experts_einsum(x, weights, experts, w_gate, w_up, w_down, *, num_experts, e
   d = x.shape[-1]
   cap = t if capacity_factor <= 0 else max(1, math.ceil(capacity_factor * t * k / num_experts))
   prio = experts.T.reshape(-1)  # [k * T]: every first choice in token order, then second, ...
-  onehot = jax.nn.one_hot(prio, num_experts, dtype=jnp.int32)
+  onehot = jax.nn.one_hot(prio, num_experts, dtype=jnp.int32)  # padding (id E): no slot
   pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # slot within its expert
-  kept = pos < cap
+  real = prio < num_experts
+  kept = (pos < cap) & real
   slot = jnp.where(kept, pos, cap)  # cap is out of bounds: dropped by the scatter
   tok = jnp.tile(jnp.arange(t), k)
   buf = jnp.zeros((num_experts, cap, d), x.dtype).at[prio, slot].set(x[tok], mode="drop")
@@ -200,7 +207,7 @@ def _experts_einsum(x, weights, experts, w_gate, w_up, w_down, *, num_experts, e
     out = jax.lax.all_to_all(out, axis, 0, 0, tiled=True).reshape(num_experts, cap, d)
   got = out.at[prio, slot].get(mode="fill", fill_value=0)  # [k * T, D], zero when dropped
   got = got.reshape(k, t, d).transpose(1, 0, 2).reshape(t * k, d)
-  return _combine(got, weights, x.dtype), jnp.sum(~kept)
+  return _combine(got, weights, x.dtype), jnp.sum(real & ~kept)
 
 
 class MoE(nnx.Module):
@@ -234,12 +241,13 @@ class MoE(nnx.Module):
     shared = int(moe_cfg.shared_experts)
     self.shared = layers.SwiGLU(width, shared * f, depth, rngs=rngs) if shared > 0 else None
 
-  def _local(self, x, router, w_gate, w_up, w_down, *, ep_axes=(), ep=1, token_axes=(),
+  def _local(self, x, mask, router, w_gate, w_up, w_down, *, ep_axes=(), ep=1, token_axes=(),
              mlp_axes=()):
-    """x [B, L, D] (this device's tokens) -> (y [B, L, D], aux)."""
+    """x [B, L, D], mask [B, L] (this device's tokens) -> (y [B, L, D], aux)."""
     b, l, d = x.shape
     xf = x.reshape(b * l, d)
-    weights, experts, stats = _route(xf, router, self.top_k, self.router_kind, self.renormalize)
+    weights, experts, stats = _route(xf, mask.reshape(b * l), router, self.top_k,
+                                     self.router_kind, self.renormalize)
     kw = dict(num_experts=self.num_experts, ep_axes=ep_axes, ep=ep)
     if self.impl == "einsum":
       y, dropped = _experts_einsum(xf, weights, experts, w_gate, w_up, w_down,
@@ -254,20 +262,22 @@ class MoE(nnx.Module):
       stats, dropped = jax.lax.psum((stats, dropped), _axis_arg(token_axes))
     return y.reshape(b, l, d), _aux(stats, self.top_k, dropped)
 
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    """x [B, L, D], mask [B, L] bool (True: a real token; None: all) -> (y, aux)."""
+    mask = jnp.ones(x.shape[:2], bool) if mask is None else mask.astype(bool)
     if self.impl == "tokamax":
       _ragged_dot_fn(self.impl)  # the one-line error before any tracing
     params = (self.router.value, self.w_gate.value, self.w_up.value, self.w_down.value)
     active = _active_mesh()
     if active is None:
-      y, aux = self._local(x, *params)
+      y, aux = self._local(x, mask, *params)
     else:
-      y, aux = self._sharded(x, params, *active)
+      y, aux = self._sharded(x, mask, params, *active)
     if self.shared is not None:
       y = y + self.shared(x)
     return y, aux
 
-  def _sharded(self, x, params, mesh, rules):
+  def _sharded(self, x, mask, params, mesh, rules):
     act = shd.logical_to_spec(("batch", "length", "act_embed"), rules)
     x_spec = P(act[0], act[1], None)  # tokens keep their sharding; D whole
     token_axes = _names(act[0]) + _names(act[1])
@@ -297,6 +307,6 @@ class MoE(nnx.Module):
         lambda *a: self._local(*a, ep_axes=ep_axes, ep=ep, token_axes=token_axes,
                                mlp_axes=mlp_axes),
         mesh=mesh,
-        in_specs=(x_spec, P(), w_in, w_in, w_out),
+        in_specs=(x_spec, P(act[0], act[1]), P(), w_in, w_in, w_out),
         out_specs=(x_spec, P()))
-    return fn(x, *params)
+    return fn(x, mask, *params)

@@ -38,8 +38,9 @@ class UnifiedTransformer(nnx.Module):
     code_offset: with vq image tokens, the first code id (ids >= it are image codes
     or the mask id, embedded from the token table plus their patch position)."""
     w = cfg.width
-    if w % cfg.heads:
-      raise UserError(f"model.width={w} is not a multiple of model.heads={cfg.heads}")
+    if w % cfg.heads and not cfg.head_dim:
+      raise UserError(f"model.width={w} is not a multiple of model.heads={cfg.heads}: change "
+                      "one of them or set model.head_dim")
     self.heads, self.width, self.depth = cfg.heads, cfg.width, cfg.depth
     self.grid = int(patch_grid[1])
     self.image_rope_2d = bool(cfg.image_rope_2d)
@@ -143,12 +144,9 @@ def _dense(cfg):
 
 def build_model(cfg, *, vocab_size, seed=None):
   """The unified model for a full config (model + data fields). vocab_size: the text
-  tokenizer's; model.vocab_size, when set, must cover it and replaces it."""
-  if cfg.model.vocab_size:
-    if cfg.model.vocab_size < vocab_size:
-      raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the text tokenizer's "
-                      f"{vocab_size} ids: set model.vocab_size >= {vocab_size} or 0")
-    vocab_size = cfg.model.vocab_size
+  tokenizer's embedding rows, replaced by model.vocab_size when that is set (`Run` checks
+  that it covers the tokenizer)."""
+  vocab_size = cfg.model.vocab_size or vocab_size
   patcher = image_tokenizer(cfg)
   code_offset = mask_id = None
   if getattr(patcher, "discrete", False):  # the vocabulary grows by the codebook and a mask id

@@ -67,6 +67,7 @@ def add_router_losses(model, loss, metrics, moe):
                  moe_max_load=jnp.max(jnp.stack([jnp.max(a["load"]) * a["load"].shape[0] for a in aux])),
                  moe_dropped=sum(a["dropped"] for a in aux) / sum(a["assignments"] for a in aux))
   metrics.update({f"moe_load/{e}": load[e] for e in range(load.shape[0])})
+  metrics["moe_block_load"] = jnp.stack([a["load"] for a in aux])  # [MoE blocks, E] (not logged)
   return loss, metrics
 
 

@@ -62,7 +62,14 @@ class Sampler:
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
 
   def _model(self, params):
-    return nnx.merge(self.graphdef, params)
+    """The model; routed experts run dropless here (capacity limits are a training-time
+    trade of a few dropped tokens for speed, and would make a sample depend on its batch)."""
+    model = nnx.merge(self.graphdef, params)
+    for block in model.blocks:
+      for part in (block, *block.modality_experts):
+        if hasattr(part.mlp, "capacity_factor"):
+          part.mlp.capacity_factor = 0.0
+    return model
 
   def _forward_fn(self, params, b, t):
     logits, out, _ = self._model(params)(b["tokens"], b["patches"], t, b["modality"], b["image_ids"],

@@ -32,15 +32,33 @@ def check_batch_fits_mesh(cfg, mesh):
         f"{mesh.shape['expert']}): use a multiple of {n}")
 
 
+def check_vocab(cfg, tokenizer):
+  """model.vocab_size (when set) must cover the text tokenizer's ids, special tokens included;
+  a pretrained table that is too small (model.init_from) grows, its new rows initialised."""
+  rows, need = cfg.model.vocab_size, tokenizer.vocab_size
+  if not rows or rows >= need:
+    return
+  if not cfg.model.init_from:
+    raise UserError(f"model.vocab_size={rows} is smaller than the {need} ids of tokenizer "
+                    f"{cfg.data.tokenizer!r}: set model.vocab_size >= {need} or 0")
+  cfg.model.vocab_size = tokenizer.model_vocab_size()
+  print(f"model.vocab_size: {rows} rows of {cfg.model.init_from} grow to {cfg.model.vocab_size} "
+        f"for the {need} ids of tokenizer {cfg.data.tokenizer!r}", flush=True)
+
+
 class Run:
   """A training run in a workdir: mesh, tokenizer, trainer, data and checkpoints."""
 
   def __init__(self, cfg, workdir, devices=None, with_data=True):
     """with_data=False (sampling): no data pipeline is built and its state is not restored."""
+    if cfg.model.init_from:  # the checkpoint's architecture fields replace the config's
+      from unimm.interop.hf_llm import apply_model_fields
+      apply_model_fields(cfg, cfg.model.init_from)
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
     self.mesh = make_mesh(cfg.mesh, devices)
     check_batch_fits_mesh(cfg, self.mesh)
     self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_vocab(cfg, self.tokenizer)
     self.patcher = image_tokenizer(cfg)
     self.trainer = Trainer(cfg, self.mesh, self.tokenizer.model_vocab_size())
     self.data = make_iterator(cfg, process_index=jax.process_index(),
@@ -53,7 +71,10 @@ class Run:
     if step is None:
       if require:
         raise UserError(f"--resume: no checkpoint in {self.workdir}/checkpoints")
-      return self.trainer.init()
+      state = self.trainer.init()
+      if self.cfg.model.init_from:
+        state = self.trainer.from_pretrained(state, self.cfg.model.init_from)
+      return state
     return self.ckpt.restore(step, self.trainer.abstract_state, self.data)
 
   def next_batch(self):
@@ -82,10 +103,11 @@ class Run:
         bar.update(1)
         out_of_time = cfg.time_limit_s > 0 and time.time() - t0 > cfg.time_limit_s
         if step % cfg.log_every == 0 or step == steps or out_of_time:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          m = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
           m.update(step=step, steps_per_s=(step - start) / (time.time() - t0))
           m.update(self.data.metrics())
-          bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "ce", "flow", "ce_image") if k in m})
+          bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "ce", "flow", "ce_image", "moe_max_load")
+                          if k in m})
           metrics_file.write(json.dumps(m) + "\n")
           metrics_file.flush()
           if writer is not None:
@@ -103,6 +125,21 @@ class Run:
         writer.close()
       self.ckpt.wait()
     return state
+
+
+def routing_report(run, state, batches=8):
+  """Expert load of each MoE block over `batches` training batches (the routing at the end
+  of training): per block the max/mean of its experts' shares of the assignments."""
+  loss = jax.jit(run.trainer._loss)
+  loads = []
+  for i in range(batches):
+    _, m = loss(state["params"], run.next_batch(), jax.random.key(i))
+    loads.append(np.asarray(jax.device_get(m["moe_block_load"])))
+  load = np.mean(loads, axis=0)  # [blocks, E]
+  per_block = load.max(axis=1) * load.shape[1]
+  return {"batches": batches, "max_over_mean_per_block": [round(float(x), 4) for x in per_block],
+          "max_over_mean": round(float(per_block.max()), 4),
+          "load_per_block": [[round(float(x), 4) for x in row] for row in load]}
 
 
 def summary_writer(path):

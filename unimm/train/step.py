@@ -96,6 +96,18 @@ class Trainer:
         self._loss_and_grads, in_shardings=(self.param_shardings, self.batch_shardings, rep),
         out_shardings=(rep, self.param_shardings))
 
+  def from_pretrained(self, state, path):
+    """A fresh state whose text model is the Hugging Face checkpoint at `path`
+    (model.init_from): its weights converted in, the image side and the optimizer
+    state as initialised."""
+    from unimm.interop import hf_llm
+    params = hf_llm.load_params(path, jax.device_get(state["params"]), self.cfg)
+    params = jax.device_put(params, self.param_shardings)
+    init_opt = jax.jit(lambda p: {"params": p, "opt_state": self.tx.init(p),
+                                  "step": jnp.zeros((), jnp.int32)},
+                       out_shardings=self.state_shardings)
+    return init_opt(params)
+
   def _init(self):
     model, _ = build_model(self.cfg, vocab_size=self.vocab_size)
     params = nnx.state(model, nnx.Param)
