@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.test_sharding import assert_one_line
 from unimm.config import DEFAULT_RULES, defaults
 from unimm.errors import UserError
 from unimm.models.moe import MoE
@@ -232,14 +233,6 @@ def test_expert_parallel_einsum_dropless(ep_reference):
 
 
 # ---------------------------------------------------------------- errors
-
-
-def assert_one_line(excinfo, *words):
-  msg = str(excinfo.value)
-  assert excinfo.type is UserError, f"{excinfo.type.__name__}: {msg}"
-  assert "\n" not in msg, msg
-  for w in words:
-    assert w in msg, f"{w!r} not in {msg!r}"
 
 
 def test_error_top_k_larger_than_experts():

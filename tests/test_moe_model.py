@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.test_sharding import assert_one_line, tiny_config, tree_rel_errs
+from tests.test_sharding import (  # noqa: F401 (the fixtures vocab_size, np_batch)
+    assert_one_line, np_batch, tiny_config, tree_rel_errs, vocab_size)
 from unimm.config import load_file
 from unimm.data.document import NOISED_IMAGE, TEXT
-from unimm.data.pipeline import make_iterator
-from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
 from unimm.models.unified import build_model, parameter_counts
 from unimm.parallel import sharding as shd
@@ -33,17 +32,6 @@ def moe_config(**mesh):
   c.model.moe.update(experts=8, top_k=2, expert_dim=16, shared_experts=1, impl="ragged",
                      capacity_factor=0.0)
   return c
-
-
-@pytest.fixture(scope="module")
-def vocab_size():
-  return load_tokenizer("byte").model_vocab_size()
-
-
-@pytest.fixture(scope="module")
-def np_batch():
-  batch = next(make_iterator(tiny_config()))
-  return {k: np.asarray(v) for k, v in batch.items()}
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +88,7 @@ def test_router_losses_and_statistics_in_the_metrics(reference):
   _, loss, _, m = reference
   load = [float(m[f"moe_load/{e}"]) for e in range(8)]
   assert abs(sum(load) - 1) < 1e-5
-  assert float(m["moe_max_load"]) == pytest.approx(max(load) * 8, rel=1e-5) or \
-      float(m["moe_max_load"]) >= max(load) * 8 - 1e-5  # the worst block, >= the average's
+  assert float(m["moe_max_load"]) >= max(load) * 8 - 1e-5  # the worst block: >= the average's
   assert float(m["moe_lb"]) >= 1.0 - 1e-5  # E * sum f P >= 1 only approximately; near 1 at init
   assert float(m["moe_z"]) > 0 and 0 < float(m["moe_entropy"]) <= np.log(8) + 1e-5
   # the loss includes the weighted router losses
