@@ -219,7 +219,7 @@ def test_recipes_train_log_and_sample(recipe, tmp_path):
   decoding through routed / modality experts)."""
   import json
   from unimm.sample import sampler_from_run
-  from unimm.train.loop import Run
+  from unimm.train.loop import Run, routing_report
   c = load_file(os.path.join(CONFIGS, recipe))
   c.model.update(width=32, depth=2, heads=2, mlp_dim=64)
   c.model.moe.expert_dim = min(c.model.moe.expert_dim, 16)
@@ -240,6 +240,12 @@ def test_recipes_train_log_and_sample(recipe, tmp_path):
   if c.model.moe.experts:
     assert abs(sum(logged[f"moe_load/{e}"] for e in range(c.model.moe.experts)) - 1) < 1e-4
     assert {"moe_max_load", "moe_dropped", "moe_entropy", "moe_lb", "moe_z"} <= set(logged)
+    report = routing_report(run, state, batches=2)
+    load = np.asarray(report["load_per_block"])
+    assert load.shape == (c.model.depth, c.model.moe.experts)
+    np.testing.assert_allclose(load.sum(axis=1), 1.0, atol=1e-3)
+    assert report["max_over_mean"] == pytest.approx(max(report["max_over_mean_per_block"]))
+    assert all(x >= 1.0 for x in report["max_over_mean_per_block"])
   assert int(run.restore_or_init()["step"]) == 3
   s = sampler_from_run(run, state)
   images = s.text_to_image(["a red circle", "a blue square"])

@@ -127,7 +127,7 @@ class Run:
     return state
 
 
-def routing_report(run, state, batches=8):
+def routing_report(run, state, batches=16):
   """Expert load of each MoE block over `batches` training batches (the routing at the end
   of training): per block the max/mean of its experts' shares of the assignments."""
   loss = jax.jit(run.trainer._loss)
