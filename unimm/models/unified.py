@@ -60,7 +60,6 @@ class UnifiedTransformer(nnx.Module):
                          for _ in range(getattr(cfg, "vit_depth", 0))])
     self.blocks = nnx.List([Block(cfg, rngs=rngs, layer=i) for i in range(cfg.depth)])
     self.final_norm = RMSNorm(w, rngs=rngs, eps=cfg.norm_eps)
-    self.kv_heads, self.head_dim = cfg.kv_heads or cfg.heads, cfg.head_dim or w // cfg.heads
     # tied: the logits are the residual stream times the transposed embedding table
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w)))
@@ -129,7 +128,8 @@ class UnifiedTransformer(nnx.Module):
 
   def init_cache(self, batch, length, dtype=jnp.float32):
     """Empty KV cache: per block k/v [B, C, KV heads, Dh] and the mask ids of each slot."""
-    shape = (batch, length, self.kv_heads, self.head_dim)
+    attn = self.blocks[0].attn
+    shape = (batch, length, attn.kv_heads, attn.head_dim)
     ids = lambda: MaskIds(*(jnp.zeros((batch, length), jnp.int32) for _ in MaskIds._fields))
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "ids": ids()}
             for _ in range(self.depth)]

@@ -62,12 +62,12 @@ def add_router_losses(model, loss, metrics, moe):
   mean = lambda k: sum(a[k] for a in aux) / len(aux)
   lb, z = mean("lb_loss"), mean("z_loss")
   loss = loss + moe.lb_weight * lb + moe.z_weight * z
-  load = mean("load")
+  block_load = jnp.stack([a["load"] for a in aux])  # [MoE blocks, E] (not logged)
+  load, experts = jnp.mean(block_load, axis=0), block_load.shape[1]
   metrics = dict(metrics, loss=loss, moe_lb=lb, moe_z=z, moe_entropy=mean("entropy"),
-                 moe_max_load=jnp.max(jnp.stack([jnp.max(a["load"]) * a["load"].shape[0] for a in aux])),
+                 moe_max_load=jnp.max(block_load) * experts, moe_block_load=block_load,
                  moe_dropped=sum(a["dropped"] for a in aux) / sum(a["assignments"] for a in aux))
-  metrics.update({f"moe_load/{e}": load[e] for e in range(load.shape[0])})
-  metrics["moe_block_load"] = jnp.stack([a["load"] for a in aux])  # [MoE blocks, E] (not logged)
+  metrics.update({f"moe_load/{e}": load[e] for e in range(experts)})
   return loss, metrics
 
 
