@@ -55,7 +55,14 @@ moe: setup
 mot: setup
 	$(PY) -m unimm.train --config configs/mot.py --workdir runs/mot
 
-test: setup
+# libtpu (matching the installed jax) lets tests compile programs for TPU topologies on this
+# host; kept off the venv's path (TPU_LIBRARY_PATH, set by tests/conftest.py) so that plain runs
+# on a machine without TPUs do not try to start it.
+$(VENV)/libtpu/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu "$$($(PY) -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')"
+	touch $@
+
+test: setup $(VENV)/libtpu/.installed
 	$(PY) -m pytest -q tests
 
 clean:

@@ -3,6 +3,11 @@ import os
 # 8 fake CPU devices for the sharding tests; must be set before JAX is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu for ahead-of-time TPU compiles (`make test` installs it beside the venv)
+_LIBTPU = os.path.join(os.path.dirname(__file__), "..", ".venv", "libtpu", "libtpu", "libtpu.so")
+if os.path.exists(_LIBTPU):
+  os.environ.setdefault("TPU_LIBRARY_PATH", os.path.abspath(_LIBTPU))
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 
 import pytest  # noqa: E402

@@ -21,3 +21,36 @@ def tiny_config(**overrides):
       node = node[p]
     node[last] = v
   return c
+
+
+def random_unified_ids(seed, batch, length, max_doc=None, image_len=(4, 24), pad_tail=True):
+  """Random packed rows as the pipeline makes them (unimm.batch): documents one after another,
+  each a mix of text runs and images (clean or noised, contiguous), then padding (segment 0).
+  Returns a MaskIds of int32 numpy arrays [batch, length]."""
+  import numpy as np
+  from unimm.batch import CLEAN_IMAGE, NOISED_IMAGE, TEXT
+  from unimm.kernels.mask import MaskIds
+  rng = np.random.default_rng(seed)
+  max_doc = max_doc or length // 2
+  cols = {k: np.zeros((batch, length), np.int32) for k in MaskIds._fields}
+  for b in range(batch):
+    i, seg = 0, 0
+    end = length - (int(rng.integers(0, length // 4)) if pad_tail else 0)
+    while i < end:
+      seg += 1
+      n = min(int(rng.integers(1, max_doc + 1)), end - i)
+      pos, image = 0, 0
+      while pos < n:
+        if rng.random() < 0.5:  # an image run
+          image += 1
+          m = min(int(rng.integers(*image_len)), n - pos)
+          cols["modality"][b, i + pos:i + pos + m] = NOISED_IMAGE if rng.random() < 0.5 else CLEAN_IMAGE
+          cols["image"][b, i + pos:i + pos + m] = image
+        else:
+          m = min(int(rng.integers(1, 12)), n - pos)
+          cols["modality"][b, i + pos:i + pos + m] = TEXT
+        pos += m
+      cols["segment"][b, i:i + n] = seg
+      cols["position"][b, i:i + n] = np.arange(n)
+      i += n
+  return MaskIds(**cols)

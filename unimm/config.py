@@ -64,8 +64,10 @@ def defaults() -> ml_collections.ConfigDict:
           shared_experts=0,  # always-on experts (one SwiGLU of shared_experts * expert_dim)
           router="softmax",  # expert scores: "softmax" or "sigmoid" (of the router logits)
           renormalize=True,  # top-k weights divided by their sum
-          impl="ragged",   # grouped matmul: "ragged" (jax.lax.ragged_dot, dropless), "einsum" (capacity-
-                           # padded batched einsum) or "tokamax" (tokamax.ragged_dot, GPU, optional extra)
+          impl="auto",     # grouped matmul: "ragged" (jax.lax.ragged_dot, dropless), "einsum" (capacity-
+                           # padded batched einsum), "tokamax" (tokamax.ragged_dot, GPU, optional extra),
+                           # "megablox" (Pallas TPU grouped matmul) or "auto" (tokamax on GPU when
+                           # installed, megablox on TPU, ragged elsewhere; all dropless)
           capacity_factor=0.0,  # einsum: slots per expert = cf * tokens * top_k / experts, overflow dropped
                            # and counted; 0: dropless (slots = tokens)
           every=1,         # block i is MoE when (i + 1) % every == 0 (Qwen3-MoE decoder_sparse_step)
@@ -93,7 +95,15 @@ def defaults() -> ml_collections.ConfigDict:
       rope_theta=10_000.0,
       image_rope_2d=False, # image patches also rotate by (row, col) in half of each head's dims
       dtype="float32",     # compute dtype: "float32" or "bfloat16" (params stay float32)
-      attention="xla",     # attention kernel; "xla" builds the mask from ids
+      attention="auto",    # "xla" (dense mask built from ids), "flash" (Pallas kernel building each
+                           # mask tile from the ids: Triton on GPU, Mosaic on TPU, interpreted on CPU),
+                           # "cudnn" (GPU; text-only causal / packed rows, else flash) or "auto" (GPU:
+                           # cudnn, TPU: flash, CPU: xla)
+      scan=False,          # run the blocks as jax.lax.scan over stacked parameters (repeated units)
+      remat="none",        # per block: "none" (keep activations), "full" (recompute the block),
+                           # "save_dots" (keep weight matmul outputs), "offload" (them, in host memory)
+      ce_chunk=0,          # >0: logits and cross-entropy this many positions at a time (never the
+                           # whole [B, L, vocab] in float32); 0: all at once
   )
   c.data = dict(
       image_size=32,
@@ -129,6 +139,7 @@ def defaults() -> ml_collections.ConfigDict:
       b2=0.95,
       weight_decay=0.05,
       clip_norm=1.0,
+      mu_dtype="float32",  # AdamW first moment: "float32" or "bfloat16" (optax / MaxText mu_dtype)
   )
   c.train = dict(
       steps=1000,

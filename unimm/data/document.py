@@ -18,7 +18,7 @@ noised and trained with the flow loss (modality NOISED_IMAGE), and no later
 token ever attends to it.
 """
 
-TEXT, CLEAN_IMAGE, NOISED_IMAGE = 0, 1, 2
+from unimm.batch import CLEAN_IMAGE, NOISED_IMAGE, TEXT  # noqa: F401 (the batch contract)
 
 
 def text(s: str, loss: bool = True) -> dict:

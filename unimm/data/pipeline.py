@@ -37,18 +37,11 @@ import os
 import grain
 import numpy as np
 
+from unimm.batch import BATCH_DTYPES, BATCH_KEYS, CLEAN_IMAGE, FEATURES, NOISED_IMAGE, TEXT
 from unimm.data import records
-from unimm.data.document import CLEAN_IMAGE, NOISED_IMAGE, TEXT
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import image_tokenizer
-
-# Per-position features encode_document emits (all packed to seq_len).
-FEATURES = ("tokens", "targets", "loss_mask", "patches", "modality",
-            "image_ids", "patch_index")
-BATCH_KEYS = FEATURES + ("segment_ids", "positions")
-BATCH_DTYPES = {k: np.int32 for k in BATCH_KEYS} | {
-    "loss_mask": np.float32, "patches": np.float32}
 
 
 

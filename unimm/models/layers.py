@@ -7,14 +7,14 @@ float32 master weights to the compute dtype before the forward pass.
 """
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimm.data.document import NOISED_IMAGE
 from unimm.errors import UserError
+from unimm.kernels import attention as kernels
+from unimm.kernels.mask import MaskIds, attention_mask  # noqa: F401 (the mask's API, used by models)
 from unimm.parallel.sharding import constrain
 
 
@@ -70,47 +70,17 @@ def rope(x, positions, theta):
   return jnp.concatenate(out, axis=-1).astype(x.dtype)
 
 
-class MaskIds(NamedTuple):
-  """What the attention mask is made of, per token ([B, L] int32 each)."""
-  segment: jax.Array   # packed sample, 1-based; 0 = padding / empty cache slot
-  modality: jax.Array  # TEXT, CLEAN_IMAGE or NOISED_IMAGE
-  image: jax.Array     # image instance within the sample, 1-based; 0 = text
-  position: jax.Array  # position within the sample
+def attention(q, k, v, q_ids: MaskIds, kv_ids: MaskIds, impl="auto"):
+  """Masked attention over the unified mask (`unimm.kernels.mask`). q: [B, Lq, H, D],
+  k/v: [B, Lk, KV, D] (grouped-query heads when KV < H) -> [B, Lq, H, D].
 
-
-def attention_mask(q: MaskIds, kv: MaskIds):
-  """[B, Lq, Lk] bool: causal over text, bidirectional inside each image, no
-  attention across packed samples, and noised image tokens visible only to
-  tokens of their own image."""
-  same_seg = q.segment[:, :, None] == kv.segment[:, None, :]
-  same_img = same_seg & (q.image[:, :, None] == kv.image[:, None, :]) & (kv.image[:, None, :] > 0)
-  causal = kv.position[:, None, :] <= q.position[:, :, None]
-  noised_key = (kv.modality == NOISED_IMAGE)[:, None, :]
-  return same_seg & (causal | same_img) & ~(noised_key & ~same_img)
-
-
-def attention(q, k, v, q_ids: MaskIds, kv_ids: MaskIds, impl="xla"):
-  """Masked attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D].
-
-  The mask is given as ids, never as a dense array, so fused kernels that build
-  it from segment / modality / image ids can replace the XLA path.
+  The mask is given as ids, never as a dense array: `impl` (model.attention) picks the XLA
+  path or a flash kernel that builds each mask tile from the ids (`unimm.kernels.attention`).
   """
-  if impl != "xla":
-    raise NotImplementedError(f"attention kernel '{impl}' is not available; use model.attention='xla'")
-  mask = attention_mask(q_ids, kv_ids)
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask[:, None], scores, -1e30)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return kernels.attention(q, k, v, q_ids, kv_ids, impl)
 
 
-def _grouped(k, heads):
-  """[B, L, KV, D] -> [B, L, heads, D]: query head h reads key/value head h // (heads / KV)."""
-  return k if k.shape[2] == heads else jnp.repeat(k, heads // k.shape[2], axis=2)
-
-
-def cached_attention(q, k, v, ids: MaskIds, cache=None, cache_index=None, impl="xla"):
+def cached_attention(q, k, v, ids: MaskIds, cache=None, cache_index=None, impl="auto"):
   """Writes k/v (and their mask ids) at cache_index of `cache` when given, then attends
   over the whole cache. Returns (out [B, Lq, H, D], new cache or None)."""
   kv_ids = ids
@@ -120,8 +90,7 @@ def cached_attention(q, k, v, ids: MaskIds, cache=None, cache_index=None, impl="
     kv_ids = MaskIds(*(jax.lax.dynamic_update_slice_in_dim(c, n, cache_index, 1)
                        for c, n in zip(cache["ids"], ids)))
     cache = {"k": k, "v": v, "ids": kv_ids}
-  heads = q.shape[2]
-  out = attention(q, _grouped(k, heads), _grouped(v, heads), ids, kv_ids, impl)
+  out = attention(q, k, v, ids, kv_ids, impl)
   return constrain(out, ("batch", "length", "act_heads", None)), cache
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimm.data.document import TEXT
+from unimm.batch import TEXT
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import image_tokenizer
 from unimm.models.layers import Block, MaskIds, RMSNorm, param, timestep_embedding

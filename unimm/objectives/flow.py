@@ -9,7 +9,7 @@ t' = a t / (1 + (a - 1) t) with a = shift * sqrt(pixels / base pixels).
 import jax
 import jax.numpy as jnp
 
-from unimm.data.document import NOISED_IMAGE
+from unimm.batch import NOISED_IMAGE
 
 
 def resolution_shift(flow_cfg, image_size):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimm.data.document import NOISED_IMAGE
+from unimm.batch import NOISED_IMAGE
 from unimm.objectives import flow
 
 

@@ -12,15 +12,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from unimm.batch import BATCH_KEYS
 from unimm.errors import UserError
 from unimm.models.unified import build_model
 from unimm.objectives.losses import unified_loss
 from unimm.parallel import sharding as shd
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "patches", "modality", "image_ids",
-              "patch_index", "segment_ids", "positions")
 
 
 def make_optimizer(optim, steps, frozen=None):

@@ -1,0 +1,126 @@
+"""Which attention kernel runs, per backend (`model.attention`).
+
+  xla    the dense mask built from ids, float32 scores (`mask.reference_attention`); any shape
+  flash  a Pallas flash kernel that builds each mask tile from the packed ids and visits only
+         the tiles the mask can reach (`flash_gpu`: Triton on GPU; `flash_tpu`: Mosaic on TPU;
+         on CPU the GPU kernel in Pallas interpret mode, slow, for tests)
+  cudnn  GPU: cuDNN flash attention (`jax.nn.dot_product_attention`) for batches of text-only
+         rows of one causal document each (plus trailing padding), the flash kernel otherwise
+         (decided per batch by a `lax.cond`); elsewhere as flash
+  auto   GPU: cudnn, TPU: flash, CPU: xla
+
+The kernel paths need self-attention over whole rows (queries and keys with the same ids)
+and a length that divides into their blocks; anything else (the KV-cached decoding of the
+sampler, odd lengths) takes the XLA path. The platform is that of the devices the program is
+traced for (`platform`), or the one `target_platform` names.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+
+from unimm.batch import TEXT
+from unimm.kernels import mask as M
+from unimm.parallel import sharding as shd
+
+IMPLS = ("auto", "xla", "flash", "cudnn")
+MIN_BLOCK = 128  # the kernels' largest default block: shorter or odd rows take the XLA path
+
+
+def _flash_gpu(q, k, v, ids, interpret=False):
+  from unimm.kernels import flash_gpu
+  return flash_gpu.flash_attention(q, k, v, ids, interpret=interpret)
+
+
+def _flash_tpu(q, k, v, ids):
+  from unimm.kernels import flash_tpu
+  return flash_tpu.flash_attention(q, k, v, ids)
+
+
+def cudnn_available():
+  """Whether this JAX can call cuDNN attention (a CUDA jaxlib with cuDNN); without it the GPU
+  branch is the flash kernel alone (e.g. when a CPU host lowers a program for GPU)."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo
+    fused_attention_stablehlo.check_cudnn_version()
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def _causal_rows(ids: M.MaskIds):
+  """(bool scalar, lengths [B]): every row is text only, one document (segment 1) from index 0
+  with positions 0.. and then padding (segment 0), as cuDNN's causal mask with sequence
+  lengths assumes."""
+  length = jnp.sum(ids.segment > 0, axis=1).astype(jnp.int32)
+  idx = jnp.arange(ids.segment.shape[1], dtype=jnp.int32)[None]
+  inside = idx < length[:, None]
+  ok = (jnp.all(ids.modality == TEXT) & jnp.all(jnp.where(inside, ids.segment == 1, ids.segment == 0))
+        & jnp.all(jnp.where(inside, ids.position == idx, True)))
+  return ok, length
+
+
+def _cudnn_or_flash(q, k, v, ids):
+  ok, length = _causal_rows(ids)
+
+  def cudnn(q, k, v, length):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=length,
+                                        key_value_seq_lengths=length, implementation="cudnn")
+
+  def flash(q, k, v, length):
+    del length
+    return _flash_gpu(q, k, v, ids)
+
+  return jax.lax.cond(ok, cudnn, flash, q, k, v, length)
+
+
+_override = {"platform": None}
+
+
+@contextlib.contextmanager
+def target_platform(platform):
+  """Trace attention for `platform` ("cpu", "gpu", "tpu") whatever the devices at hand, e.g. to
+  lower a GPU program on a CPU host (`jit(...).trace(...).lower(lowering_platforms=("cuda",))`)."""
+  old = _override["platform"]
+  _override["platform"] = platform
+  try:
+    yield
+  finally:
+    _override["platform"] = old
+
+
+def platform():
+  """The platform the program is traced for: the override, else the devices of the active mesh
+  (`unimm.parallel.sharding.use_mesh_rules`; an ahead-of-time TPU topology too), else JAX's
+  default backend."""
+  if _override["platform"]:
+    return _override["platform"]
+  mesh = shd._context["mesh"]  # pylint: disable=protected-access
+  if mesh is not None:
+    return mesh.devices.flat[0].platform
+  return jax.default_backend()
+
+
+def uses_kernel(impl, q_ids, kv_ids, length):
+  """Whether `impl` can run a kernel here (else the XLA path)."""
+  return impl != "xla" and q_ids is kv_ids and length % MIN_BLOCK == 0
+
+
+def attention(q, k, v, q_ids: M.MaskIds, kv_ids: M.MaskIds, impl="auto"):
+  """Masked attention. q [B, Lq, H, D], k / v [B, Lk, KV, D] (grouped-query heads when
+  KV < H) -> [B, Lq, H, D] in q's dtype, scale 1/sqrt(D)."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention kernel '{impl}' is unknown: use one of {', '.join(IMPLS)}")
+  where = platform()
+  if impl == "auto" and where not in ("gpu", "cuda", "tpu"):
+    impl = "xla"
+  if not uses_kernel(impl, q_ids, kv_ids, q.shape[1]):
+    return M.reference_attention(q, k, v, q_ids, kv_ids)
+  if where == "tpu":
+    return _flash_tpu(q, k, v, q_ids)
+  if where in ("gpu", "cuda"):
+    if impl in ("auto", "cudnn") and cudnn_available():
+      return _cudnn_or_flash(q, k, v, q_ids)
+    return _flash_gpu(q, k, v, q_ids)
+  return _flash_gpu(q, k, v, q_ids, interpret=True)
