@@ -12,10 +12,8 @@
 The kernel paths need self-attention over whole rows (queries and keys with the same ids)
 and a length that divides into their blocks; anything else (the KV-cached decoding of the
 sampler, odd lengths) takes the XLA path. The platform is that of the devices the program is
-traced for (`platform`), or the one `target_platform` names.
+traced for (`unimm.parallel.sharding.platform`), or the one `target_platform` names.
 """
-
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -75,33 +73,6 @@ def _cudnn_or_flash(q, k, v, ids):
   return jax.lax.cond(ok, cudnn, flash, q, k, v, length)
 
 
-_override = {"platform": None}
-
-
-@contextlib.contextmanager
-def target_platform(platform):
-  """Trace attention for `platform` ("cpu", "gpu", "tpu") whatever the devices at hand, e.g. to
-  lower a GPU program on a CPU host (`jit(...).trace(...).lower(lowering_platforms=("cuda",))`)."""
-  old = _override["platform"]
-  _override["platform"] = platform
-  try:
-    yield
-  finally:
-    _override["platform"] = old
-
-
-def platform():
-  """The platform the program is traced for: the override, else the devices of the active mesh
-  (`unimm.parallel.sharding.use_mesh_rules`; an ahead-of-time TPU topology too), else JAX's
-  default backend."""
-  if _override["platform"]:
-    return _override["platform"]
-  mesh = shd._context["mesh"]  # pylint: disable=protected-access
-  if mesh is not None:
-    return mesh.devices.flat[0].platform
-  return jax.default_backend()
-
-
 def uses_kernel(impl, q_ids, kv_ids, length):
   """Whether `impl` can run a kernel here (else the XLA path)."""
   return impl != "xla" and q_ids is kv_ids and length % MIN_BLOCK == 0
@@ -112,14 +83,14 @@ def attention(q, k, v, q_ids: M.MaskIds, kv_ids: M.MaskIds, impl="auto"):
   KV < H) -> [B, Lq, H, D] in q's dtype, scale 1/sqrt(D)."""
   if impl not in IMPLS:
     raise ValueError(f"attention kernel '{impl}' is unknown: use one of {', '.join(IMPLS)}")
-  where = platform()
-  if impl == "auto" and where not in ("gpu", "cuda", "tpu"):
+  where = shd.platform()
+  if impl == "auto" and where not in ("gpu", "tpu"):
     impl = "xla"
   if not uses_kernel(impl, q_ids, kv_ids, q.shape[1]):
     return M.reference_attention(q, k, v, q_ids, kv_ids)
   if where == "tpu":
     return _flash_tpu(q, k, v, q_ids)
-  if where in ("gpu", "cuda"):
+  if where == "gpu":
     if impl in ("auto", "cudnn") and cudnn_available():
       return _cudnn_or_flash(q, k, v, q_ids)
     return _flash_gpu(q, k, v, q_ids)

@@ -127,6 +127,32 @@ def constrain(x, axes):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
 
 
+_target = {"platform": None}
+
+
+@contextlib.contextmanager
+def target_platform(name):
+  """Trace for platform `name` ("cpu", "gpu", "tpu") whatever the devices at hand, e.g. to lower a
+  GPU program on a CPU host (`jit(f).trace(...).lower(lowering_platforms=("cuda",))`)."""
+  old = _target["platform"]
+  _target["platform"] = name
+  try:
+    yield
+  finally:
+    _target["platform"] = old
+
+
+def platform():
+  """The platform a program is traced for, where kernels are chosen by backend: the one
+  `target_platform` names, else that of the active mesh's devices (`use_mesh_rules`; also an
+  ahead-of-time TPU topology), else JAX's default backend. "gpu" for CUDA devices."""
+  name = _target["platform"]
+  if name is None and _context["mesh"] is not None:
+    name = _context["mesh"].devices.flat[0].platform
+  name = name or jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name
+
+
 def batch_sharding(mesh, rules, ndim) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
