@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unimm.data.document import CLEAN_IMAGE, NOISED_IMAGE, TEXT
+from unimm.batch import CLEAN_IMAGE, NOISED_IMAGE, TEXT
 from unimm.models.layers import MaskIds, attention_mask
 from unimm.models.unified import build_model
 from unimm.objectives import flow
@@ -78,9 +78,11 @@ def test_no_leak_from_noised_images_or_other_samples(rope_2d):
   assert not np.allclose(logits[0, 11], logits3[0, 11])
 
 
-@pytest.mark.parametrize("rope_2d", [False, True])
-def test_kv_cache_decoding_matches_full_forward(rope_2d):
-  cfg = tiny_config(**{"model.image_rope_2d": rope_2d})
+@pytest.mark.parametrize("rope_2d,levers", [(False, {}), (True, {"model.scan": True, "model.remat": "full"})])
+def test_kv_cache_decoding_matches_full_forward(rope_2d, levers):
+  """The teacher-forced forward (scanned blocks under remat in the second case) and decoding
+  with the KV cache (which always runs the block loop) give the same logits."""
+  cfg = tiny_config(**{"model.image_rope_2d": rope_2d, **levers})
   model, patcher = _model(cfg, seed=1)
   rng = np.random.default_rng(1)
   x = _inputs(patcher, rng)

@@ -146,3 +146,16 @@ def test_require_checkpoint_in_empty_workdir(tmp_path):
   msg = str(e.value)
   assert "\n" not in msg
   assert "no checkpoint" in msg and str(tmp_path / "empty") in msg
+
+
+def test_checkpoint_loads_under_the_levers_and_refuses_another_shape(straight):
+  workdir, want_state, _ = straight
+  c = tiny_config()
+  c.model.update(scan=True, remat="full", ce_chunk=16)  # the same model: the same checkpoint
+  assert_same_state(host(Run(c, workdir, with_data=False).restore_or_init(require=True)), want_state)
+  c = tiny_config()
+  c.model.width = 48
+  with pytest.raises(UserError) as e:
+    Run(c, workdir, with_data=False).restore_or_init(require=True)
+  msg = str(e.value)
+  assert "\n" not in msg and "params/" in msg and ") there and (" in msg and ") here" in msg, msg

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from unimm.errors import UserError
 from unimm.kernels import attention as kernels
@@ -90,7 +91,7 @@ def cached_attention(q, k, v, ids: MaskIds, cache=None, cache_index=None, impl="
     kv_ids = MaskIds(*(jax.lax.dynamic_update_slice_in_dim(c, n, cache_index, 1)
                        for c, n in zip(cache["ids"], ids)))
     cache = {"k": k, "v": v, "ids": kv_ids}
-  out = attention(q, k, v, ids, kv_ids, impl)
+  out = checkpoint_name(attention(q, k, v, ids, kv_ids, impl), "context")
   return constrain(out, ("batch", "length", "act_heads", None)), cache
 
 
@@ -123,7 +124,7 @@ class Attention(nnx.Module):
     act = ("batch", "length", "act_heads", None)
 
     def proj(w, b, norm):
-      y = jnp.einsum("bld,dhk->blhk", x, w.value)
+      y = checkpoint_name(jnp.einsum("bld,dhk->blhk", x, w.value), "qkv")
       y = y if b is None else y + b.value
       y = y if norm is None else norm(y)
       return constrain(y, act)
@@ -133,7 +134,7 @@ class Attention(nnx.Module):
     return q, k, proj(self.wv, self.bv, None)
 
   def out(self, o):
-    return jnp.einsum("blhk,hkd->bld", o, self.wo.value)
+    return checkpoint_name(jnp.einsum("blhk,hkd->bld", o, self.wo.value), "attn_out")
 
   def __call__(self, x, ids: MaskIds, rope_pos, cache=None, cache_index=None):
     q, k, v = self.qkv(x, rope_pos)
@@ -151,9 +152,10 @@ class SwiGLU(nnx.Module):
                         1.0 / math.sqrt(hidden) / math.sqrt(2 * depth))
 
   def __call__(self, x):
-    h = jax.nn.silu(x @ self.w_gate.value) * (x @ self.w_up.value)
-    h = constrain(h, ("batch", "length", "act_mlp"))
-    return h @ self.w_down.value
+    gate = checkpoint_name(x @ self.w_gate.value, "mlp_in")
+    up = checkpoint_name(x @ self.w_up.value, "mlp_in")
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return checkpoint_name(h @ self.w_down.value, "mlp_out")
 
 
 def timestep_embedding(t, dim, max_period=10_000.0):
@@ -226,3 +228,112 @@ def is_moe_layer(cfg, layer):
   """Whether block `layer` routes its feed-forward (model.moe: experts, every, dense_layers)."""
   moe = cfg.moe
   return moe.experts > 0 and (layer + 1) % moe.every == 0 and layer not in tuple(moe.dense_layers)
+
+
+# ------------------------------------------------------------------ the block stack
+
+# model.remat: what each block keeps for the backward pass (MaxText's remat_policy, by name)
+REMAT = {
+    "none": None,  # no rematerialisation: every activation the backward needs is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input; all recomputed
+    # outputs of the weight matmuls (q/k/v, out, MLP) and of attention; elementwise ops recomputed
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("context")),
+    # the same tensors (by name), moved to host memory until the backward needs them
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[
+            "qkv", "context", "attn_out", "mlp_in", "mlp_out"],
+        offload_src="device", offload_dst="pinned_host"),
+}
+
+
+def check_remat(name):
+  if name not in REMAT:
+    raise UserError(f"model.remat='{name}' is unknown: use one of {', '.join(REMAT)}")
+  return name
+
+
+def pop_router_stats(module):
+  """The MoE statistics the routed blocks under `module` sowed in this forward pass (a list
+  of dicts of arrays), removed from the module."""
+  sown = nnx.pop(module, nnx.Intermediate)
+  found = jax.tree.leaves(sown, is_leaf=lambda x: isinstance(x, dict) and "lb_loss" in x)
+  return [a for a in found if isinstance(a, dict)]
+
+
+def scan_units(blocks):
+  """Blocks grouped for `jax.lax.scan`: a list of (first block, period p, repeats r); blocks
+  first + t p + j (t < r) share one structure for each j, so r units of p blocks scan as one.
+  Takes the longest run at each block (the smallest period among equals): dense blocks before
+  routed ones give (0, 1, n_dense), (n_dense, 1, n_moe); alternating dense / routed blocks
+  give one unit of period 2."""
+  sig = []
+  for b in blocks:
+    graph, state = nnx.split(b)
+    sig.append((graph, tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state))))
+  units, i, n = [], 0, len(sig)
+  while i < n:
+    best = (1, 1)  # (period, repeats)
+    for p in range(1, (n - i) // 2 + 1):
+      r = 1
+      while i + (r + 1) * p <= n and sig[i + r * p:i + (r + 1) * p] == sig[i:i + p]:
+        r += 1
+      if r > 1 and p * r > best[0] * best[1]:
+        best = (p, r)
+    units.append((i, *best))
+    i += best[0] * best[1]
+  return units
+
+
+def run_blocks(blocks, x, ids, rope_pos, *, scan=False, remat="none", cache=None, cache_index=None):
+  """x through `blocks` in order. Returns (x, new cache or None, MoE statistics: a dict of
+  arrays with one row per routed feed-forward, in block order, or None).
+
+  scan: repeated units of blocks (`scan_units`) run as `jax.lax.scan` over their stacked
+  parameters (one traced body per unit, not per block; the parameters keep their per-block
+  layout, so checkpoints do not change). remat: `REMAT[remat]` around each block (or scanned
+  unit). A KV cache (sampling) always takes the loop."""
+  policy = REMAT[check_remat(remat)]
+  stats = []
+
+  def blocks_fn(graphs):
+    """(x, parameters of blocks `graphs`) -> (x, [stats per routed FFN]), under the remat policy."""
+    def apply(x, states):
+      out = []
+      for graph, state in zip(graphs, states):
+        block = nnx.merge(graph, state)
+        x, _ = block(x, ids, rope_pos)
+        out += pop_router_stats(block)
+      return x, out
+    return apply if remat == "none" else jax.checkpoint(apply, policy=policy)
+
+  if cache is not None or not scan:
+    new_cache = [] if cache is not None else None
+    for i, block in enumerate(blocks):
+      if cache is not None:
+        x, c = block(x, ids, rope_pos, cache[i], cache_index)
+        new_cache.append(c)
+        found = pop_router_stats(block)
+      else:
+        graph, state = nnx.split(block)
+        x, found = blocks_fn((graph,))(x, (state,))
+      stats += [jax.tree.map(lambda a: a[None], f) for f in found]
+    return x, new_cache, _concat(stats)
+  for first, period, repeats in scan_units(blocks):
+    split = [nnx.split(blocks[first + t * period + j]) for t in range(repeats) for j in range(period)]
+    graphs = tuple(g for g, _ in split[:period])
+    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[split[t * period + j][1] for t in range(repeats)])
+               for j in range(period)]
+    x, found = jax.lax.scan(blocks_fn(graphs), x, stacked)
+    if found:  # [repeats] per routed FFN of the unit -> rows in block order
+      per_step = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *found)
+      stats.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), per_step))
+  return x, None, _concat(stats)
+
+
+def _concat(stats):
+  """Rows of MoE statistics (dicts of [n, ...] arrays) -> one dict, or None."""
+  if not stats:
+    return None
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *stats)

@@ -24,7 +24,9 @@ from flax import nnx
 from unimm.batch import TEXT
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import image_tokenizer
-from unimm.models.layers import Block, MaskIds, RMSNorm, param, timestep_embedding
+from unimm.kernels.attention import IMPLS as ATTENTION_IMPLS
+from unimm.models.layers import (Block, MaskIds, RMSNorm, check_remat, param, run_blocks,
+                                 timestep_embedding)
 from unimm.parallel.sharding import constrain
 
 T_FREQ_DIM = 256
@@ -41,7 +43,11 @@ class UnifiedTransformer(nnx.Module):
     if w % cfg.heads and not cfg.head_dim:
       raise UserError(f"model.width={w} is not a multiple of model.heads={cfg.heads}: change "
                       "one of them or set model.head_dim")
+    if cfg.attention not in ATTENTION_IMPLS:
+      raise UserError(f"model.attention='{cfg.attention}' is unknown: use one of "
+                      f"{', '.join(ATTENTION_IMPLS)}")
     self.heads, self.width, self.depth = cfg.heads, cfg.width, cfg.depth
+    self.scan, self.remat = bool(cfg.scan), check_remat(cfg.remat)
     self.grid = int(patch_grid[1])
     self.image_rope_2d = bool(cfg.image_rope_2d)
     self.vocab_size, self.patch_dim = vocab_size, patch_dim
@@ -90,30 +96,41 @@ class UnifiedTransformer(nnx.Module):
     pixels = (modality != TEXT) & (tokens < self.code_offset)
     vit_ids = MaskIds(jnp.where(pixels, ids.segment, 0), modality, jnp.where(pixels, ids.image, 0),
                       ids.position)
-    h = x
-    for block in self.vit:
-      h, _ = block(h, vit_ids, patch_index)
+    h, _, _ = run_blocks(self.vit, x, vit_ids, patch_index, scan=self.scan, remat=self.remat)
     return jnp.where(pixels[..., None], h, x)
 
-  def __call__(self, tokens, patches, t, modality, image_ids, patch_index, segment_ids,
-               positions, cache=None, cache_index=None):
-    """Returns (logits [B, L, V] f32, flow [B, L, D] f32 (None without a flow head),
-    new cache or None)."""
+  def hidden(self, tokens, patches, t, modality, image_ids, patch_index, segment_ids, positions,
+             cache=None, cache_index=None):
+    """The final-normed residual stream [B, L, W] (compute dtype) and the new cache (or None).
+    Routed blocks' statistics are sown as nnx.Intermediate "router" (one row per routed
+    feed-forward; `losses.add_router_losses` pops them)."""
     ids = MaskIds(segment_ids, modality, image_ids, positions)
     x = self.embed_inputs(tokens, patches, t, modality, patch_index)
     if len(self.vit):
       x = self.encode_pixels(x, ids, modality, tokens, patch_index)
     rope_pos = self.rope_positions(positions, modality, patch_index)
-    new_cache = [] if cache is not None else None
-    for i, block in enumerate(self.blocks):
-      x, c = block(x, ids, rope_pos, None if cache is None else cache[i], cache_index)
-      if cache is not None:
-        new_cache.append(c)
-    x = self.final_norm(x)
-    head = self.embed.value.T if self.lm_head is None else self.lm_head.value
-    logits = constrain((x @ head).astype(jnp.float32), ("batch", "length", "act_vocab"))
-    flow = None if self.flow_head is None else (x @ self.flow_head.value).astype(jnp.float32)
-    return logits, flow, new_cache
+    x, new_cache, stats = run_blocks(self.blocks, x, ids, rope_pos, scan=self.scan,
+                                     remat=self.remat, cache=cache, cache_index=cache_index)
+    if stats is not None:
+      self.sow(nnx.Intermediate, "router", stats)
+    return self.final_norm(x), new_cache
+
+  def head(self):
+    """The LM head [W, V] (the transposed token table when tied)."""
+    return self.embed.value.T if self.lm_head is None else self.lm_head.value
+
+  def flow_out(self, h):
+    """The flow head on the final stream: [B, L, patch_dim] float32 (None without one)."""
+    return None if self.flow_head is None else (h @ self.flow_head.value).astype(jnp.float32)
+
+  def __call__(self, tokens, patches, t, modality, image_ids, patch_index, segment_ids,
+               positions, cache=None, cache_index=None):
+    """Returns (logits [B, L, V] f32, flow [B, L, D] f32 (None without a flow head),
+    new cache or None)."""
+    h, new_cache = self.hidden(tokens, patches, t, modality, image_ids, patch_index, segment_ids,
+                               positions, cache, cache_index)
+    logits = jnp.einsum("bld,dv->blv", h, self.head(), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "act_vocab")), self.flow_out(h), new_cache
 
   def rope_positions(self, positions, modality, patch_index):
     """RoPE positions: the sequence position, plus (row, col) of image patches

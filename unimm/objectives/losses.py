@@ -15,18 +15,58 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from unimm.batch import NOISED_IMAGE
+from unimm.errors import UserError
+from unimm.models.layers import pop_router_stats
 from unimm.objectives import flow
+from unimm.parallel.sharding import constrain
 
 
-def next_token_loss(logits, targets, mask):
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+def token_nll(h, head, targets, chunk=0):
+  """Cross-entropy of the LM head per position, never holding more than `chunk` positions'
+  logits: h [B, L, W] (final stream), head [W, V], targets: a tuple of [B, L] int arrays ->
+  per target array (nll [B, L] f32, correct [B, L] bool: argmax == target).
+
+  chunk > 0: the positions go through the head `chunk` at a time in a `jax.lax.scan` whose
+  body is rematerialised, so neither the forward nor the backward holds [B, L, V] logits
+  (the head's gradient accumulates in float32 across chunks); 0: all at once."""
+  head32 = head.astype(jnp.float32)
+
+  def one(h, targets):
+    logits = jnp.einsum("bld,dv->blv", h, head32.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "length", "act_vocab"))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    best = jnp.argmax(logits, axis=-1)
+    return tuple((lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0], best == t)
+                 for t in targets)
+
+  b, length, w = h.shape
+  if chunk <= 0 or chunk >= length:
+    return one(h, targets)
+  if length % chunk:
+    raise UserError(f"model.ce_chunk={chunk} does not divide the sequence length {length}: use a "
+                    "divisor of data.seq_len (or 0)")
+  n = length // chunk
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+  _, out = jax.lax.scan(lambda c, xs: (c, jax.checkpoint(one)(*xs)), None,
+                        (split(h), tuple(split(t) for t in targets)))
+  return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(b, length), out)
+
+
+def next_token_loss(nll, correct, mask):
+  """(mean nll over `mask`, its count, correct predictions under it) from token_nll's output."""
   count = jnp.sum(mask)
-  correct = (jnp.argmax(logits, axis=-1) == targets) * mask
-  return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count, jnp.sum(correct)
+  return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count, jnp.sum(correct * mask)
+
+
+def _hidden(model, batch, tokens, patches, t):
+  return model.hidden(tokens, patches, t, batch["modality"], batch["image_ids"],
+                      batch["patch_index"], batch["segment_ids"], batch["positions"])[0]
+
+
+def _nll(model, h, cfg, *targets):
+  return token_nll(h, model.head(), targets, int(getattr(cfg.model, "ce_chunk", 0)))
 
 
 def flow_loss(v_pred, v_target, noised):
@@ -54,37 +94,31 @@ def add_router_losses(model, loss, metrics, moe):
   (share of assignments per expert, averaged over blocks), moe_max_load (the largest
   max/mean expert load of any block), moe_dropped (share of dropped assignments),
   moe_entropy (mean router entropy)."""
-  sown = nnx.pop(model, nnx.Intermediate)
-  aux = jax.tree.leaves(sown, is_leaf=lambda x: isinstance(x, dict) and "lb_loss" in x)
-  aux = [a for a in aux if isinstance(a, dict)]
-  if not aux:
+  stats = pop_router_stats(model)  # one dict of [routed blocks, ...] rows (model.hidden)
+  if not stats:
     return loss, metrics
-  mean = lambda k: sum(a[k] for a in aux) / len(aux)
-  lb, z = mean("lb_loss"), mean("z_loss")
+  (aux,) = stats
+  lb, z = jnp.mean(aux["lb_loss"]), jnp.mean(aux["z_loss"])
   loss = loss + moe.lb_weight * lb + moe.z_weight * z
-  block_load = jnp.stack([a["load"] for a in aux])  # [MoE blocks, E] (not logged)
+  block_load = aux["load"]  # [MoE blocks, E] (not logged)
   load, experts = jnp.mean(block_load, axis=0), block_load.shape[1]
-  metrics = dict(metrics, loss=loss, moe_lb=lb, moe_z=z, moe_entropy=mean("entropy"),
+  metrics = dict(metrics, loss=loss, moe_lb=lb, moe_z=z, moe_entropy=jnp.mean(aux["entropy"]),
                  moe_max_load=jnp.max(block_load) * experts, moe_block_load=block_load,
-                 moe_dropped=sum(a["dropped"] for a in aux) / sum(a["assignments"] for a in aux))
+                 moe_dropped=jnp.sum(aux["dropped"]) / jnp.sum(aux["assignments"]))
   metrics.update({f"moe_load/{e}": load[e] for e in range(experts)})
   return loss, metrics
-
-
-def _forward(model, batch, tokens, t):
-  return model(tokens, batch["patches"], t, batch["modality"], batch["image_ids"],
-               batch["patch_index"], batch["segment_ids"], batch["positions"])
 
 
 def next_token_only_loss(model, batch, cfg):
   """Early fusion: one cross-entropy over every target with loss (text and image codes);
   ce_image / image_accuracy report the code targets alone."""
-  del cfg
-  logits, _, _ = _forward(model, batch, batch["tokens"], jnp.zeros(batch["tokens"].shape))
+  tokens = batch["tokens"]
+  h = _hidden(model, batch, tokens, batch["patches"], jnp.zeros(tokens.shape))
+  ((nll, correct),) = _nll(model, h, cfg, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
-  ce, n, n_correct = next_token_loss(logits, batch["targets"], mask)
+  ce, n, n_correct = next_token_loss(nll, correct, mask)
   is_code = (batch["targets"] >= model.code_offset).astype(jnp.float32) * mask
-  ce_image, n_image, correct_image = next_token_loss(logits, batch["targets"], is_code)
+  ce_image, n_image, correct_image = next_token_loss(nll, correct, is_code)
   return ce, {"loss": ce, "ce": ce, "ce_image": ce_image, "text_tokens": n - n_image,
               "image_tokens": n_image, "token_accuracy": n_correct / jnp.maximum(n, 1.0),
               "image_accuracy": correct_image / jnp.maximum(n_image, 1.0)}
@@ -107,10 +141,10 @@ def masked_loss(model, batch, rng, cfg):
                            batch["image_ids"], modality)
   masked = target & (jax.random.uniform(rng_m, tokens.shape) < mask_ratio(u))
   inputs = jnp.where(masked, model.mask_id, tokens)
-  logits, _, _ = _forward(model, batch, inputs, jnp.zeros(tokens.shape))
-  ce, n_text, n_correct = next_token_loss(logits, batch["targets"],
-                                          batch["loss_mask"].astype(jnp.float32))
-  mce, n_masked, m_correct = next_token_loss(logits, tokens, masked.astype(jnp.float32))
+  h = _hidden(model, batch, inputs, batch["patches"], jnp.zeros(tokens.shape))
+  (nll, correct), (m_nll, m_correct) = _nll(model, h, cfg, batch["targets"], tokens)
+  ce, n_text, n_correct = next_token_loss(nll, correct, batch["loss_mask"].astype(jnp.float32))
+  mce, n_masked, m_correct = next_token_loss(m_nll, m_correct, masked.astype(jnp.float32))
   loss = ce + cfg.model.mask_loss_weight * mce
   return loss, {"loss": loss, "ce": ce, "ce_image": mce, "text_tokens": n_text,
                 "image_tokens": n_masked, "token_accuracy": n_correct / jnp.maximum(n_text, 1.0),
@@ -126,10 +160,10 @@ def flow_matching_loss(model, batch, rng, cfg):
   x0 = batch["patches"].astype(jnp.float32)
   eps = jax.random.normal(rng_eps, x0.shape, jnp.float32)
   x_t = jnp.where(noised[..., None], flow.add_noise(x0, eps, t), x0)
-  logits, out, _ = model(batch["tokens"], x_t, t, batch["modality"], batch["image_ids"],
-                         batch["patch_index"], batch["segment_ids"], batch["positions"])
-  v_pred = flow.velocity(out, x_t, t, cfg.model.prediction, cfg.flow.t_min)
-  ce, n_text, n_correct = next_token_loss(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32))
+  h = _hidden(model, batch, batch["tokens"], x_t, t)
+  v_pred = flow.velocity(model.flow_out(h), x_t, t, cfg.model.prediction, cfg.flow.t_min)
+  ((nll, correct),) = _nll(model, h, cfg, batch["targets"])
+  ce, n_text, n_correct = next_token_loss(nll, correct, batch["loss_mask"].astype(jnp.float32))
   fm, n_img = flow_loss(v_pred, eps - x0, noised.astype(jnp.float32))
   loss = ce + cfg.flow.loss_weight * fm
   metrics = {"loss": loss, "ce": ce, "flow": fm, "text_tokens": n_text, "image_tokens": n_img,

@@ -21,6 +21,13 @@ from unimm.parallel import sharding as shd
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _dtype_name(section, field, default="float32"):
+  name = getattr(section, field, default)
+  if name not in DTYPES:
+    raise UserError(f"{field}='{name}': use one of {', '.join(DTYPES)}")
+  return name
+
+
 def make_optimizer(optim, steps, frozen=None):
   """AdamW on a warmup-cosine schedule with global-norm clipping. frozen: a function
   (params -> pytree of bools) naming parameters that get no update (their Adam moments
@@ -31,6 +38,7 @@ def make_optimizer(optim, steps, frozen=None):
   tx = optax.chain(
       optax.clip_by_global_norm(optim.clip_norm),
       optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
+                  mu_dtype=DTYPES[_dtype_name(optim, "mu_dtype")],
                   mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params)))
   if frozen is not None:  # zero their gradients (before clipping) and their decayed updates
     zero = optax.masked(optax.set_to_zero(), frozen)
