@@ -15,10 +15,15 @@ sampler, odd lengths) takes the XLA path. The platform is that of the devices th
 traced for (`unimm.parallel.sharding.platform`), or the one `target_platform` names.
 """
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from unimm.batch import TEXT
+from unimm.errors import UserError
 from unimm.kernels import mask as M
 from unimm.parallel import sharding as shd
 
@@ -89,9 +94,29 @@ def attention(q, k, v, q_ids: M.MaskIds, kv_ids: M.MaskIds, impl="auto"):
   if not uses_kernel(impl, q_ids, kv_ids, q.shape[1]):
     return M.reference_attention(q, k, v, q_ids, kv_ids)
   if where == "tpu":
-    return _flash_tpu(q, k, v, q_ids)
-  if where == "gpu":
-    if impl in ("auto", "cudnn") and cudnn_available():
-      return _cudnn_or_flash(q, k, v, q_ids)
-    return _flash_gpu(q, k, v, q_ids)
-  return _flash_gpu(q, k, v, q_ids, interpret=True)
+    kernel = _flash_tpu
+  elif where == "gpu":
+    kernel = _cudnn_or_flash if impl in ("auto", "cudnn") and cudnn_available() else _flash_gpu
+  else:
+    kernel = functools.partial(_flash_gpu, interpret=True)
+  return _per_shard(kernel, q, k, v, q_ids)
+
+
+def _per_shard(kernel, q, k, v, ids):
+  """`kernel` on each device's shard of the batch and heads (`jax.shard_map` over the active
+  mesh): XLA cannot split a kernel's custom call, and would otherwise gather whole arrays."""
+  mesh, rules = shd._context["mesh"], shd._context["rules"]  # pylint: disable=protected-access
+  if mesh is None or mesh.size == 1:
+    return kernel(q, k, v, ids)
+  spec = shd.logical_to_spec(("batch", "length", "act_heads", None), rules)
+  if spec[1] is not None:
+    raise UserError("the flash attention kernels need whole rows on each device: map the logical "
+                    "axis 'length' to no mesh axis in mesh.rules, or use model.attention='xla'")
+  heads = math.prod(mesh.shape[a] for a in ((spec[2],) if isinstance(spec[2], str) else spec[2] or ()))
+  if k.shape[2] % heads:
+    raise UserError(f"{k.shape[2]} key/value heads do not divide over the {heads} devices of the "
+                    f"mesh axes {spec[2]} that split heads: use model.kv_heads divisible by {heads}")
+  row = P(spec[0], None)
+  local = lambda q, k, v, *ids: kernel(q, k, v, M.MaskIds(*ids))
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec) + (row,) * 4, out_specs=spec,
+                       check_vma=False)(q, k, v, *ids)
