@@ -89,3 +89,16 @@ def test_train_step_lowered_for_gpu_holds_no_length_squared_buffer(vocab_size=38
   assert "triton" in texts["flash"].lower()
   assert not _has_square(texts["flash"], length)
   assert _has_square(texts["xla"], length)  # the check sees the buffers it looks for
+
+
+@pytest.mark.parametrize("remat,forward_kernels", [("none", 1), ("full", 2), ("save_dots", 1),
+                                                    ("offload", 1)])
+def test_remat_policies_keep_the_kernel_forward(remat, forward_kernels):
+  """Under every policy but "full" the backward reuses the flash forward's output and
+  logsumexp instead of running the forward kernel again."""
+  from unimm.models.layers import REMAT
+  q, k, v, ids = _inputs(2)
+  f = lambda q, k, v: jnp.sum(ka.attention(q, k, v, ids, ids, "flash"))
+  f = f if REMAT[remat] is None else jax.checkpoint(f, policy=REMAT[remat])
+  text = _primitives(jax.grad(f, argnums=(0, 1, 2)), q, k, v)
+  assert text.count("pallas_call") == forward_kernels + 3  # + delta, dq, dk / dv

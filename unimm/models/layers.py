@@ -232,19 +232,32 @@ def is_moe_layer(cfg, layer):
 
 # ------------------------------------------------------------------ the block stack
 
+def _kernel_output(prim):
+  """Outputs of fused kernels (Pallas flash attention and grouped matmuls, cuDNN attention):
+  kept under every policy but "full", or the backward would run the forward kernel again to
+  rebuild its residuals (a custom VJP's residuals are not visible to name-based policies)."""
+  return prim.name == "pallas_call" or prim.name.startswith("dot_product_attention_fwd")
+
+
+def _with_kernels(policy):
+  return lambda prim, *avals, **params: _kernel_output(prim) or policy(prim, *avals, **params)
+
+
+# the tensors offloaded by "offload", by the names the layers give them (checkpoint_name)
+OFFLOADED = ["qkv", "context", "attn_out", "mlp_in", "mlp_out"]
+
 # model.remat: what each block keeps for the backward pass (MaxText's remat_policy, by name)
 REMAT = {
     "none": None,  # no rematerialisation: every activation the backward needs is kept
     "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input; all recomputed
     # outputs of the weight matmuls (q/k/v, out, MLP) and of attention; elementwise ops recomputed
-    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+    "save_dots": _with_kernels(jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("context")),
+        jax.checkpoint_policies.save_only_these_names("context"))),
     # the same tensors (by name), moved to host memory until the backward needs them
-    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[
-            "qkv", "context", "attn_out", "mlp_in", "mlp_out"],
-        offload_src="device", offload_dst="pinned_host"),
+    "offload": _with_kernels(jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=OFFLOADED,
+        offload_src="device", offload_dst="pinned_host")),
 }
 
 
