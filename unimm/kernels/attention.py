@@ -4,9 +4,10 @@
   flash  a Pallas flash kernel that builds each mask tile from the packed ids and visits only
          the tiles the mask can reach (`flash_gpu`: Triton on GPU; `flash_tpu`: Mosaic on TPU;
          on CPU the GPU kernel in Pallas interpret mode, slow, for tests)
-  cudnn  GPU: cuDNN flash attention (`jax.nn.dot_product_attention`) for batches of text-only
-         rows of one causal document each (plus trailing padding), the flash kernel otherwise
-         (decided per batch by a `lax.cond`); elsewhere as flash
+  cudnn  GPU: cuDNN flash attention (`jax.nn.dot_product_attention`; bf16 / fp16, head dim a
+         multiple of 8 up to 128) for batches of text-only rows of one causal document each
+         (plus trailing padding), the flash kernel otherwise (decided per batch by a
+         `lax.cond`); elsewhere as flash
   auto   GPU: cudnn, TPU: flash, CPU: xla
 
 The kernel paths need self-attention over whole rows (queries and keys with the same ids)
@@ -96,7 +97,9 @@ def attention(q, k, v, q_ids: M.MaskIds, kv_ids: M.MaskIds, impl="auto"):
   if where == "tpu":
     kernel = _flash_tpu
   elif where == "gpu":
-    kernel = _cudnn_or_flash if impl in ("auto", "cudnn") and cudnn_available() else _flash_gpu
+    cudnn = (impl in ("auto", "cudnn") and q.dtype in (jnp.bfloat16, jnp.float16)
+             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and cudnn_available())
+    kernel = _cudnn_or_flash if cudnn else _flash_gpu
   else:
     kernel = functools.partial(_flash_gpu, interpret=True)
   return _per_shard(kernel, q, k, v, q_ids)
