@@ -16,6 +16,10 @@ import os
 import sys
 
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata on this host
+# the libtpu `make test` installs beside the venv (a pip-installed libtpu is found by itself)
+_LIBTPU = os.path.join(os.path.dirname(__file__), "..", ".venv", "libtpu", "libtpu", "libtpu.so")
+if os.path.exists(_LIBTPU):
+  os.environ.setdefault("TPU_LIBRARY_PATH", os.path.abspath(_LIBTPU))
 import jax  # pylint: disable=wrong-import-position
 
 

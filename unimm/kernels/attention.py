@@ -29,7 +29,7 @@ from unimm.kernels import mask as M
 from unimm.parallel import sharding as shd
 
 IMPLS = ("auto", "xla", "flash", "cudnn")
-MIN_BLOCK = 128  # the kernels' largest default block: shorter or odd rows take the XLA path
+MIN_BLOCK = 128  # rows the kernels take are a multiple of this (the TPU lane width); others: XLA
 
 
 def _flash_gpu(q, k, v, ids, interpret=False):
@@ -107,19 +107,21 @@ def attention(q, k, v, q_ids: M.MaskIds, kv_ids: M.MaskIds, impl="auto"):
 
 def _per_shard(kernel, q, k, v, ids):
   """`kernel` on each device's shard of the batch and heads (`jax.shard_map` over the active
-  mesh): XLA cannot split a kernel's custom call, and would otherwise gather whole arrays."""
+  mesh): XLA cannot partition a kernel's custom call (Mosaic refuses; a Triton call would be
+  gathered whole onto every device). The batch is split as the rule "batch" says and heads as
+  "act_heads", each where it divides (heads: when query and key/value heads both do), else
+  replicated; rows stay whole."""
   mesh, rules = shd._context["mesh"], shd._context["rules"]  # pylint: disable=protected-access
   if mesh is None or mesh.size == 1:
     return kernel(q, k, v, ids)
-  spec = shd.logical_to_spec(("batch", "length", "act_heads", None), rules)
-  if spec[1] is not None:
+  batch, length, heads, _ = shd.logical_to_spec(("batch", "length", "act_heads", None), rules)
+  if length is not None:
     raise UserError("the flash attention kernels need whole rows on each device: map the logical "
                     "axis 'length' to no mesh axis in mesh.rules, or use model.attention='xla'")
-  heads = math.prod(mesh.shape[a] for a in ((spec[2],) if isinstance(spec[2], str) else spec[2] or ()))
-  if k.shape[2] % heads:
-    raise UserError(f"{k.shape[2]} key/value heads do not divide over the {heads} devices of the "
-                    f"mesh axes {spec[2]} that split heads: use model.kv_heads divisible by {heads}")
-  row = P(spec[0], None)
+  size = lambda e: math.prod(mesh.shape[a] for a in ((e,) if isinstance(e, str) else e or ()))
+  batch = batch if q.shape[0] % size(batch) == 0 else None
+  heads = heads if q.shape[2] % size(heads) == 0 and k.shape[2] % size(heads) == 0 else None
+  spec, row = P(batch, None, heads, None), P(batch, None)
   local = lambda q, k, v, *ids: kernel(q, k, v, M.MaskIds(*ids))
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec) + (row,) * 4, out_specs=spec,
                        check_vma=False)(q, k, v, *ids)

@@ -36,24 +36,19 @@ default that divides L (`block_sizes`). At the defaults a step holds a [512, 102
 score tile (2 MiB) and its mask operands in VMEM; the kernels compile for v5p within the
 default scoped VMEM limit.
 
-Sharding. Mosaic kernels cannot be partitioned by XLA: inside `sharding.use_mesh_rules` with
-more than one device the call runs in `jax.shard_map`, the batch split as the rule "batch"
-says and heads as "act_heads" (each when it divides, heads when both q and kv heads do), the
-length whole.
+Sharding: XLA cannot partition a Mosaic kernel; `unimm.kernels.attention` calls this one per
+device shard (`jax.shard_map`).
 """
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
 from unimm.kernels import mask as M
-from unimm.parallel import sharding as shd
 
 BLOCK_Q, BLOCK_K = 512, 1024
 LANES, SUBLANES = 128, 8
@@ -371,19 +366,6 @@ def block_sizes(length, block_q=None, block_k=None):
   return one(block_q, BLOCK_Q, "block_q"), one(block_k, BLOCK_K, "block_k")
 
 
-def _mesh_specs(q, k):
-  """(mesh, spec of q / k / v, spec of the ids) for running in shard_map under an active
-  multi-device mesh (`sharding.use_mesh_rules`), else None."""
-  mesh, rules = shd._context["mesh"], shd._context["rules"]  # pylint: disable=protected-access
-  if mesh is None or mesh.size == 1:
-    return None
-  batch, _, heads, _ = shd.logical_to_spec(("batch", "length", "act_heads", None), rules)
-  size = lambda e: math.prod(mesh.shape[a] for a in ((e,) if isinstance(e, str) else e or ()))
-  batch = batch if q.shape[0] % size(batch) == 0 else None
-  heads = heads if q.shape[2] % size(heads) == 0 and k.shape[2] % size(heads) == 0 else None
-  return mesh, P(batch, None, heads, None), P(batch, None)
-
-
 def flash_attention(q, k, v, ids: M.MaskIds, *, block_q=None, block_k=None, interpret=False):
   """Masked attention over the unified mask of `ids` (self-attention over whole rows):
   q [B, L, H, D], k / v [B, L, KV, D] (H a multiple of KV) -> [B, L, H, D] in q's dtype, scale
@@ -398,10 +380,4 @@ def flash_attention(q, k, v, ids: M.MaskIds, *, block_q=None, block_k=None, inte
   if ids.segment.shape != (b, l):
     raise ValueError(f"mask ids {ids.segment.shape} do not match q {q.shape}")
   bq, bk = block_sizes(l, block_q, block_k)
-  fn = lambda q, k, v, ids: _flash(q, k, v, tables(ids, bq, bk), bq, bk, interpret)
-  sharded = _mesh_specs(q, k)
-  if sharded is None:
-    return fn(q, k, v, ids)
-  mesh, spec, ids_spec = sharded
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, M.MaskIds(*[ids_spec] * 4)),
-                       out_specs=spec, check_vma=False)(q, k, v, ids)
+  return _flash(q, k, v, tables(ids, bq, bk), bq, bk, interpret)
