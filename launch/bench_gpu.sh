@@ -3,8 +3,11 @@
 #
 #   launch/bench_gpu.sh OUTDIR            (or: make bench-gpu OUT=OUTDIR)
 #
-# Installs what the machine lacks from wheels in .whl/ (made on a machine with a registry by
-# shared/device/fetch_wheels.sh: grain, ml-collections, array-record), prints nvidia-smi and the
+# Installs what the machine lacks (grain, ml-collections, array-record) from Python 3.12 wheels
+# in .whl/, fetched beforehand where a registry answers, e.g.
+#   pip download -d .whl --python-version 3.12 --only-binary=:all: \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 grain ml-collections array-record
+# (drop the wheels of what the machine has: jax, numpy, protobuf, ...), prints nvidia-smi and the
 # versions, then runs, each under its own timeout so that one that hangs or fails costs only
 # its own time:
 #   dense_1b        --peers  (transformers LlamaForCausalLM)
@@ -19,9 +22,9 @@
 set -uo pipefail  # no -e: a failed run is reported and the next one still runs
 
 out=${1:?usage: launch/bench_gpu.sh OUTDIR}
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
-mkdir -p "$out"
 py=${PYTHON:-}
 if [ -z "$py" ]; then
   if [ -x /opt/torch/.venv/bin/python ]; then py=/opt/torch/.venv/bin/python; else py=python3; fi

@@ -474,13 +474,13 @@ def attention_bench(opts):
         records.append(dict(line, skipped="cuDNN takes text-only causal rows; this runs flash"))
         continue
       fwd = jax.jit(lambda q, k, v, ids, impl=impl: kernels.attention(q, k, v, ids, ids, impl))
-      grad = jax.jit(jax.grad(
-          lambda q, k, v, ids, impl=impl: jnp.sum(
+      grad = jax.jit(jax.grad(  # backward from a random output gradient (an argument)
+          lambda q, k, v, dout, ids, impl=impl: jnp.sum(
               (kernels.attention(q, k, v, ids, ids, impl) * dout).astype(jnp.float32)),
           argnums=(0, 1, 2)))
       try:
         fwd_s = _time(fwd, q, k, v, ids, iters=iters)
-        both_s = _time(grad, q, k, v, ids, iters=iters)
+        both_s = _time(grad, q, k, v, dout, ids, iters=iters)
       except Exception as e:  # pylint: disable=broad-except  (a kernel being written may fail)
         records.append(dict(line, error=f"{type(e).__name__}: {(str(e) or '-').splitlines()[0]}"))
         continue
