@@ -10,7 +10,7 @@ import pytest
 from unimm import bench, bench_peers
 from unimm.config import load_file
 from unimm.errors import UserError
-from unimm.kernels.mask import MaskIds, attention_mask
+from unimm.kernels.mask import attention_mask
 
 from helpers import random_unified_ids
 
@@ -40,7 +40,7 @@ def text_run(tmp_path_factory):
 
 def test_lines_are_complete(text_run):
   records, out = text_run
-  *peers, text, packed = records
+  *_, text, packed = records
   for line, data in ((text, "synthetic"), (packed, "pipeline")):
     assert line["kind"] == "train_step" and line["config"] == "transfusion_1b"
     assert (line["backend"], line["devices"], line["data"]) == ("cpu", 1, data)
