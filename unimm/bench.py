@@ -20,7 +20,9 @@ kind of data (also appended to --out):
   step_time_s          {median, each}
   tokens_per_s         batch x seq_len / median step time (padding included, as the peers count)
   useful_flops_per_step, useful_tflops_per_device, mfu (null for a device without a peak below)
-  xla_flops_per_device the compiled step's cost_analysis() (one device's partitioned program)
+  xla_flops_per_device the compiled step's cost_analysis() (one device's partitioned program;
+                       XLA counts a loop body once, so with model.scan it leaves out all but
+                       one pass of each scanned unit)
   compile_s            lower + compile of the step
   memory               peak_bytes (device memory_stats() peak_bytes_in_use, max over devices;
                        null where the backend has none, e.g. CPU), and the compiled step's
@@ -470,8 +472,9 @@ def attention_bench(opts):
     ids = MaskIds(*(jnp.asarray(x) for x in host_ids))
     for impl in impls:
       line = dict(base, mask=mask, impl=impl, allowed_pair_share=round(pairs / (b * l * l), 4))
-      if impl == "cudnn" and mask == "unified":
-        records.append(dict(line, skipped="cuDNN takes text-only causal rows; this runs flash"))
+      if impl == "cudnn" and (mask == "unified" or backend != "gpu"):
+        why = "takes text-only causal rows" if backend == "gpu" else "runs on GPUs only"
+        records.append(dict(line, skipped=f"cuDNN {why}; the dispatch runs flash here"))
         continue
       fwd = jax.jit(lambda q, k, v, ids, impl=impl: kernels.attention(q, k, v, ids, ids, impl))
       grad = jax.jit(jax.grad(  # backward from a random output gradient (an argument)
