@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae moe mot test clean
+.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae moe mot test bench-gpu clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ $(VENV)/libtpu/.installed: $(VENV)/.installed
 
 test: setup $(VENV)/libtpu/.installed
 	$(PY) -m pytest -q tests
+
+# The train-step benchmark against the PyTorch peers on a GPU machine (launch/bench_gpu.sh says
+# what it runs): JSON lines, tables and logs in $(OUT). It uses the machine's own Python.
+OUT ?= runs/bench_gpu
+bench-gpu:
+	launch/bench_gpu.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) runs
