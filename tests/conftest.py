@@ -8,7 +8,8 @@ _LIBTPU = os.path.join(os.path.dirname(__file__), "..", ".venv", "libtpu", "libt
 if os.path.exists(_LIBTPU):
   os.environ.setdefault("TPU_LIBRARY_PATH", os.path.abspath(_LIBTPU))
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # test processes side by side
+  # compiles only, no TPU opened: test processes running side by side need not take turns
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 import pytest  # noqa: E402

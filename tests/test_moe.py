@@ -1,10 +1,14 @@
 """Routed MoE: parity with a dense per-expert reference, capacity drops, aux statistics,
-expert-parallel equivalence on the 8 fake CPU devices, one-line errors.
+expert-parallel equivalence on the 8 fake CPU devices, one-line errors; the kernels and the
+dispatch per backend: megablox (Pallas interpret mode) against ragged_dot, "auto" per platform,
+the ragged_all_to_all dispatch with the collective emulated, an ahead-of-time TPU compile.
 
 Tiny shapes throughout: D=16, expert hidden F=8, E=8 experts, top_k=2, T=64 tokens.
 """
 
 import math
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,7 @@ from flax import nnx
 from tests.test_sharding import assert_one_line
 from unimm.config import DEFAULT_RULES, defaults
 from unimm.errors import UserError
+from unimm.models import moe
 from unimm.models.moe import MoE
 from unimm.parallel import sharding as shd
 
@@ -247,7 +252,7 @@ def test_error_top_k_larger_than_experts():
 def test_error_unknown_impl_and_router():
   with pytest.raises(UserError) as e:
     make(impl="megablocks")
-  assert_one_line(e, "megablocks", "ragged", "einsum", "tokamax")
+  assert_one_line(e, "megablocks", "auto", "ragged", "einsum", "tokamax", "megablox")
   with pytest.raises(UserError) as e:
     make(router="relu")
   assert_one_line(e, "relu", "softmax", "sigmoid")
@@ -278,15 +283,175 @@ def test_padding_is_routed_nowhere(impl):
   """mask=False tokens get no expert rows, no capacity slots and no share of the statistics:
   the real tokens' outputs and statistics equal those of the real tokens alone."""
   cfg = moe_cfg(impl=impl, capacity_factor=0.0)
-  moe = MoE(D, cfg, F, 2, rngs=nnx.Rngs(0))
+  layer = MoE(D, cfg, F, 2, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 32, D))
   mask = jnp.arange(32)[None, :] < jnp.array([[20], [32]])  # row 0: 12 padding tokens
-  y, aux = moe(x, mask)
+  call = jax.jit(lambda m, v, keep=None: m(v, keep))
+  y, aux = call(layer, x, mask)
   real = jnp.concatenate([x[0, :20], x[1]])[None]
-  y_real, aux_real = moe(real)
+  y_real, aux_real = call(layer, real)
   np.testing.assert_allclose(jnp.concatenate([y[0, :20], y[1]]), y_real[0], atol=1e-6)
   np.testing.assert_array_equal(np.asarray(y[0, 20:]), 0.0)
   for k in ("lb_loss", "z_loss", "entropy", "assignments"):
     np.testing.assert_allclose(aux[k], aux_real[k], rtol=1e-6, err_msg=k)
   np.testing.assert_allclose(aux["load"], aux_real["load"], atol=1e-7)
   assert float(aux["assignments"]) == 52 * cfg.top_k and float(aux["dropped"]) == 0
+
+
+# ---------------------------------------------------------------- kernels and dispatch per backend
+
+
+def test_megablox_tiling():
+  assert moe.megablox_tiling(600, 16, 16, jnp.float32) == (512, 16, 16)  # square: whole dims
+  assert moe.megablox_tiling(100, 16, 16, jnp.float32) == (104, 16, 16)  # rows: whole sublanes
+  assert moe.megablox_tiling(100, 2048, 768, jnp.bfloat16) == (112, 256, 256)  # bf16: 16 rows
+  assert moe.megablox_tiling(32768, 2048, 1024, jnp.bfloat16) == (512, 512, 512)
+  assert moe.megablox_tiling(64, 16, 8, jnp.float32) is None  # no TPU tile: ragged_dot runs it
+
+
+def _masked_layer_grads(impl):
+  """(value, y) and gradients of a tiny masked layer (600 assignments, 60 padding tokens), the
+  jaxpr of its value_and_grad."""
+  x = jax.random.normal(jax.random.key(3), (4, 75, D))
+  mask = jnp.arange(75)[None, :] < jnp.array([[75], [60], [75], [30]])
+  graphdef, state = nnx.split(make(impl=impl, expert_dim=D))
+
+  def loss(st, v):
+    y, aux = nnx.merge(graphdef, st)(v, mask)
+    return jnp.mean(y * y) + aux["lb_loss"] + aux["z_loss"], y
+
+  traced = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).trace(state, x)
+  return traced.lower().compile()(state, x), traced.jaxpr
+
+
+@pytest.fixture(scope="module")
+def ragged_grads():
+  return _masked_layer_grads("ragged")[0]
+
+
+@pytest.mark.parametrize("impl", ["megablox", "tokamax"])
+def test_kernel_equals_ragged(impl, ragged_grads):
+  """The kernels give ragged_dot's values and gradients. megablox (Pallas interpret mode here):
+  two row tiles (600 rows padded to 1024), groups across tile edges, and padding tokens whose
+  rows the kernel leaves unwritten (NaN in interpret mode). tokamax: when installed."""
+  if impl == "tokamax":
+    pytest.importorskip("tokamax", reason="tokamax is not installed")
+  ((val, y), grads), jaxpr = _masked_layer_grads(impl)
+  assert ("pallas_call" in str(jaxpr)) == (impl == "megablox")  # the kernel, not a fallback
+  (val_r, y_r), grads_r = ragged_grads
+  assert rel_err(y, y_r) <= RTOL and abs(float(val) / float(val_r) - 1) <= RTOL
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  flat_r = jax.tree_util.tree_flatten_with_path(grads_r)[0]
+  assert len(flat) == len(flat_r) == 5  # router, w_gate, w_up, w_down, x
+  for (path, a), (_, b) in zip(flat, flat_r):
+    assert np.isfinite(np.asarray(a)).all() and np.abs(np.asarray(b)).max() > 0
+    assert rel_err(a, b) <= RTOL, (jax.tree_util.keystr(path), rel_err(a, b))
+
+
+def test_auto_resolves_per_platform(capsys):
+  with shd.target_platform("cpu"):
+    assert moe.resolve_impl("auto") == "ragged"
+  with shd.target_platform("tpu"):
+    assert moe.resolve_impl("auto") == "megablox"
+  with shd.target_platform("gpu"):
+    if moe.installed_tokamax() is not None:
+      assert moe.resolve_impl("auto") == "tokamax"
+    else:  # ragged_dot, said once
+      moe._said.clear()
+      assert moe.resolve_impl("auto") == moe.resolve_impl("auto") == "ragged"
+      err = capsys.readouterr().err
+      assert err.count("tokamax is not installed") == 1 and len(err.splitlines()) == 1
+    with pytest.raises(UserError) as e:
+      moe.resolve_impl("megablox")
+    assert_one_line(e, "megablox", "TPU", "'tokamax', 'ragged' or 'auto'")
+  for impl in ("ragged", "einsum"):
+    with shd.target_platform("tpu"):
+      assert moe.resolve_impl(impl) == impl
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name, axis_index_groups=None):
+  """jax.lax.ragged_all_to_all as its docstring defines it, over a padded all_to_all (XLA:CPU
+  has no ragged-all-to-all)."""
+  assert axis_index_groups is None
+  r = jnp.arange(operand.shape[0])
+  rows = jnp.clip(input_offsets[:, None] + r, 0, operand.shape[0] - 1)  # [peers, rows]
+  send = jnp.where((r < send_sizes[:, None])[..., None], operand[rows], 0)
+  recv = jax.lax.all_to_all(send, axis_name, 0, 0, tiled=True)  # block i: from peer i
+  at = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where peer i's rows go
+  dest = jnp.where(r < recv_sizes[:, None], at[:, None] + r, output.shape[0])  # past the end: none
+  return output.at[dest].set(recv, mode="drop")
+
+
+@pytest.mark.parametrize("axes", [(1, 1, 1, 8), (1, 2, 2, 2)], ids=["1-1-1-8", "1-2-2-2"])
+def test_ragged_all_to_all_dispatch_matches_single_device(axes, ep_reference, monkeypatch):
+  """The GPU / TPU dispatch (offsets and sizes from the gathered counts, receive buffer,
+  local-expert sort, reverse trip) with the collective emulated as documented: the loss and
+  gradients of one device. expert=8 holds 1 expert per shard (< top_k: the smaller worst case)."""
+  calls = []
+
+  def counted(*args, **kw):
+    calls.append(kw["axis_name"])
+    return emulated_ragged_all_to_all(*args, **kw)
+
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", counted)
+  with shd.target_platform("gpu"):
+    _check_ep("ragged", axes, ep_reference)
+  assert calls == ["expert", "expert"]  # there and back
+
+
+def test_gpu_lowering_dispatches_with_ragged_all_to_all():
+  """impl "auto" lowered for CUDA from this host (tokamax when installed, else ragged_dot under
+  shard_map's type checks): the value_and_grad's trips to the experts and back, forward and
+  transposed, are ragged_all_to_all."""
+  mesh = shd.make_mesh(dict(data=1, fsdp=2, tensor=1, expert=4))
+  graphdef, state = nnx.split(make(shared_experts=1))
+  state = jax.device_put(state, shd.state_shardings(state, mesh, DEFAULT_RULES))
+  x = jax.device_put(inputs(8, 8), shd.batch_sharding(mesh, DEFAULT_RULES, 3))
+
+  def loss(st, v):
+    y, aux = nnx.merge(graphdef, st)(v)
+    return jnp.mean(y * y) + aux["lb_loss"], aux
+
+  with shd.use_mesh_rules(mesh, DEFAULT_RULES), shd.target_platform("gpu"):
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).trace(
+        state, x).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("stablehlo.custom_call @ragged_all_to_all(") == 4
+
+
+def test_aot_tpu_auto_is_megablox_with_ragged_all_to_all():
+  """impl "auto" compiled ahead of time for a TPU v5p topology (4 chips, mesh expert=4): the
+  value_and_grad of a bfloat16 layer under expert parallelism lowers megablox through Mosaic
+  and dispatches with ragged_all_to_all."""
+  if not os.path.exists(os.environ.get("TPU_LIBRARY_PATH", "")):
+    pytest.skip("no libtpu beside the venv (make test installs it): no ahead-of-time TPU compile")
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
+  mesh = shd.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=4), topo.devices)
+  width = 128  # expert dims of whole 128-lane tiles: megablox, not its ragged_dot fallback
+  graphdef, state = nnx.split(MoE(width, moe_cfg(expert_dim=2 * width), 4 * width, 2,
+                                  rngs=nnx.Rngs(0)))
+  state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16, sharding=s),
+                       state, shd.state_shardings(state, mesh, DEFAULT_RULES))
+  x = jax.ShapeDtypeStruct((8, 32, width), jnp.bfloat16,
+                           sharding=shd.batch_sharding(mesh, DEFAULT_RULES, 3))
+
+  def loss(st, v):
+    y, aux = nnx.merge(graphdef, st)(v)
+    return jnp.mean(y.astype(jnp.float32) ** 2) + aux["lb_loss"], aux
+
+  start = time.perf_counter()
+  with shd.use_mesh_rules(mesh, DEFAULT_RULES):
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(
+        state, x).compile()
+  seconds = time.perf_counter() - start
+  hlo = compiled.as_text()
+  # forward: the trip to the experts and back; backward: both transposed
+  assert hlo.count(" ragged-all-to-all(") == 4
+  # megablox: 3 gmm forward; 3 gmm (d rows) and 3 tgmm (d experts) backward
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 9
+  mem = compiled.memory_analysis()
+  kib = {k: getattr(mem, f"{k}_size_in_bytes") / 2**10 for k in ("argument", "temp")}
+  print(f"\n[AOT v5p:2x2x1 expert=4] lower + compile {seconds:.1f} s; per chip: arguments "
+        f"{kib['argument']:.0f} KiB, temporaries {kib['temp']:.0f} KiB, code "
+        f"{mem.generated_code_size_in_bytes / 2**20:.1f} MiB")

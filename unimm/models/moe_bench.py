@@ -6,12 +6,13 @@
 One grouped matmul of a routed layer ([T*k, D] rows in E groups times [E, D, F]) by each
 kernel of `model.moe.impl` that runs here ("ragged": jax.lax.ragged_dot; "einsum": the
 same rows as one batched einsum over equal groups, what the capacity path computes;
-"tokamax": tokamax.ragged_dot when installed), forward and forward+backward, and the peer
-every kernel is compared with: one plain [T*k, D] x [D, F] matmul of the same FLOPs. Then
-the whole MoE layer (routing, dispatch, three matmuls, combine) per impl against a dense
-SwiGLU of the same active width. Prints one JSON line per measurement (TFLOP/s, ms, ratio
-to the peer). Defaults: the issue's H100 shape (8192 tokens, D 2048, F 768, 32 experts,
-top-4) on accelerators, a quarter of each side on CPU.
+"tokamax": tokamax.ragged_dot when installed; "megablox": the Pallas TPU gmm, on TPU),
+forward and forward+backward, and the peer every kernel is compared with: one plain
+[T*k, D] x [D, F] matmul of the same FLOPs. Then the whole MoE layer (routing, dispatch,
+three matmuls, combine) per impl against a dense SwiGLU of the same active width. Prints one
+JSON line per measurement (TFLOP/s, ms, ratio to the peer; "auto": the impl that
+model.moe.impl="auto" picks here). Defaults: the issue's H100 shape (8192 tokens, D 2048,
+F 768, 32 experts, top-4) on accelerators, a quarter of each side on CPU.
 """
 
 import argparse
@@ -23,8 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from unimm.models import moe
 from unimm.models.layers import SwiGLU
 from unimm.models.moe import MoE
+from unimm.parallel import sharding as shd
 
 
 def _time(fn, *args, iters):
@@ -37,13 +40,13 @@ def _time(fn, *args, iters):
 
 
 def _kernels():
-  out = {"ragged": jax.lax.ragged_dot}
-  try:
-    import tokamax
-    out["tokamax"] = tokamax.ragged_dot
-  except ImportError:
-    pass
-  return out
+  """The dropless grouped matmuls that run here, by impl name."""
+  names = ["ragged"]
+  if moe.installed_tokamax() is not None:
+    names.append("tokamax")
+  if shd.platform() == "tpu":
+    names.append("megablox")
+  return {name: moe.grouped_matmul(name) for name in names}
 
 
 def main(argv=None):
@@ -65,7 +68,7 @@ def main(argv=None):
   groups = jnp.full((e,), rows // e, jnp.int32)
   flops = 2 * rows * d * f
   base = dict(device=jax.devices()[0].device_kind, tokens=a.tokens, width=d, expert_dim=f,
-              experts=e, top_k=a.top_k, dtype=a.dtype)
+              experts=e, top_k=a.top_k, dtype=a.dtype, auto=moe.resolve_impl("auto"))
 
   def report(name, fwd_s, both_s, peer):
     line = dict(base, kernel=name, fwd_ms=round(fwd_s * 1e3, 3), fwd_bwd_ms=round(both_s * 1e3, 3),
@@ -105,7 +108,7 @@ def main(argv=None):
 
   flops = 3 * 2 * a.tokens * d * a.top_k * f  # the layer's matmuls (routing not counted)
   peer = report("layer peer: dense SwiGLU", *layer_time(dense), None)
-  for impl in ("ragged", "einsum") + (("tokamax",) if "tokamax" in _kernels() else ()):
+  for impl in [*_kernels(), "einsum"]:
     cfg = ml_collections.ConfigDict(dict(experts=e, top_k=a.top_k, expert_dim=f, shared_experts=0,
                                          router="softmax", renormalize=True, impl=impl,
                                          capacity_factor=1.0 if impl == "einsum" else 0.0))
