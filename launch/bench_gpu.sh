@@ -3,10 +3,12 @@
 #
 #   launch/bench_gpu.sh OUTDIR            (or: make bench-gpu OUT=OUTDIR)
 #
-# Installs what the machine lacks (grain, ml-collections, array-record) from Python 3.12 wheels
-# in .whl/, fetched beforehand where a registry answers, e.g.
+# Installs what the machine lacks (grain, ml-collections, array-record, portpicker; tokamax for
+# the MoE grouped matmul when its wheels are there) from Python 3.12 wheels in .whl/, fetched
+# beforehand where a registry answers, e.g.
 #   pip download -d .whl --python-version 3.12 --only-binary=:all: \
-#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 grain ml-collections array-record
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 grain ml-collections \
+#     array-record portpicker [tokamax]
 # (drop the wheels of what the machine has: jax, numpy, protobuf, ...), prints nvidia-smi and the
 # versions, then runs, each under its own timeout so that one that hangs or fails costs only
 # its own time:
@@ -34,9 +36,13 @@ steps=${BENCH_STEPS:-10}
 read -r -a extra <<<"${BENCH_ARGS:-}"
 
 missing=()
-for pair in grain:grain ml_collections:ml-collections array_record:array-record; do
+for pair in grain:grain ml_collections:ml-collections array_record:array-record portpicker:portpicker; do
   "$py" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done
+# tokamax (model.moe.impl="auto" on GPU: its grouped matmul) when its wheels came along
+if ! "$py" -c "import tokamax" 2>/dev/null && compgen -G ".whl/tokamax-*.whl" >/dev/null; then
+  missing+=(tokamax)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} from .whl/"
   if [ ! -d .whl ]; then
