@@ -18,5 +18,4 @@ def get_config():
   # Guidance helps little here and hurts when strong: on this recipe's checkpoint, t2i colour
   # was 1.0 at guidance 1 or 1.5 (temperature 0.7), 0.98 at 2, 0.48 at 3, 0.24 at 6.
   c.sample.update(cfg_scale=1.5, image_temperature=0.7)
-  c.data.num_workers = 1  # the tokenizer encodes images in a Grain worker process
   return c

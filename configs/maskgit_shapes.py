@@ -16,5 +16,4 @@ def get_config():
   c = load_file(os.path.join(os.path.dirname(__file__), "demo.py"))  # model, data, optim, steps
   c.model.update(image_tokenizer="vq", tokenizer_path="runs/vq_shapes", image_loss="masked")
   c.sample.update(cfg_scale=3.0, mask_steps=12, image_temperature=1.0)
-  c.data.num_workers = 1  # the tokenizer encodes images in a Grain worker process
   return c

@@ -15,5 +15,4 @@ from unimm.config import load_file
 def get_config():
   c = load_file(os.path.join(os.path.dirname(__file__), "demo.py"))  # model, data, optim, steps
   c.model.update(image_tokenizer="vae", tokenizer_path="runs/vae_shapes", latent_patch=4)
-  c.data.num_workers = 1  # the tokenizer encodes images in a Grain worker process
   return c

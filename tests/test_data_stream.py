@@ -18,7 +18,7 @@ from unimm.data.pipeline import (SKIP_REASONS, caption_pair, document_stream, ma
                                  parse_mixture, unstack)
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
-from unimm.models.image_tokenizer import PixelPatches
+from unimm.image_grid import PixelPatches
 
 
 def png(array):

@@ -14,7 +14,7 @@ from unimm.data.pipeline import (BATCH_KEYS, FEATURES, condition_dropout,
                                  validate_batch)
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
-from unimm.models.image_tokenizer import PixelPatches
+from unimm.image_grid import PixelPatches
 
 WORDS = ("red green blue circle square triangle left right above below big "
          "small the a of").split()
@@ -143,10 +143,11 @@ def test_encode_caption_exact(tok, patcher):
   want_patches = np.zeros((12, 12), np.float32)
   want_patches[4:8] = patcher.encode(img)
   np.testing.assert_array_equal(out["patches"], want_patches)
+  assert out["pixels"].shape == (12, 0) and not out["encode"].any()  # nothing to encode
   assert {k: v.dtype for k, v in out.items()} == {
       "tokens": np.int32, "targets": np.int32, "loss_mask": np.float32,
       "patches": np.float32, "modality": np.int32, "image_ids": np.int32,
-      "patch_index": np.int32}
+      "patch_index": np.int32, "pixels": np.uint8, "encode": np.int32}
 
 
 def test_encode_t2i_exact(tok, patcher):

@@ -38,7 +38,7 @@ from unimm.data.pipeline import (ConvertedSource, _Load, _allow_unparsed_absl_fl
                                  make_iterator, unstack)
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import cli
-from unimm.models.image_tokenizer import image_tokenizer
+from unimm.image_grid import image_grid
 
 FORMATS = ("img2dataset", "webdataset", "tfds", "instructpix2pix", "hq_edit", "mmc4",
            "obelics", "omnigen")
@@ -163,7 +163,8 @@ class TorchDocs:
   def __init__(self, directory, cfg):
     self.directory, self.cfg = directory, cfg
     self.source = ConvertedSource(directory)
-    self.load = _Load(0, load_tokenizer(cfg.data.tokenizer), image_tokenizer(cfg), cfg.data)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    self.load = _Load(0, tok, image_grid(cfg, tok.model_vocab_size()), cfg.data)
 
   def __len__(self):
     return len(self.source)
@@ -222,7 +223,7 @@ class FirstFit:
   def _row(self, docs):
     lengths = [len(d["ints"]) for d in docs]
     pad = self.length - sum(lengths)
-    row = {k: np.concatenate([d[k] for d in docs]) for k in ("ints", "patches")}
+    row = {k: np.concatenate([d[k] for d in docs]) for k in ("ints", "patches", "pixels")}
     row = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in row.items()}
     row = unstack(row)
     row["segment_ids"] = np.pad(np.repeat(np.arange(1, len(docs) + 1, dtype=np.int32), lengths),

@@ -22,12 +22,16 @@ A batch is a dict of numpy arrays, the contract with the model and the loss:
     modality     int32   [B, L]     TEXT / CLEAN_IMAGE / NOISED_IMAGE
     image_ids    int32   [B, L]     1-based image index within its document
     patch_index  int32   [B, L]     row * max_cols + col of the patch in its image
+    pixels       uint8   [B, L, P]  vae / vq: pixels of the image tokens to encode, else 0
+    encode       int32   [B, L]     1 at those tokens (the train step encodes them)
     segment_ids  int32   [B, L]     1.. per packed document, 0 = padding
     positions    int32   [B, L]     position within its document (from 0)
 
 Padding positions are all zero (segment 0, modality TEXT, loss 0) except
 tokens/targets, which hold the tokenizer's pad id. image_ids restart per
-document: (segment_ids, image_ids) names an image within a row.
+document: (segment_ids, image_ids) names an image within a row. The pipeline runs
+no model: vae / vq images arrive as pixels (`unimm.image_grid`), and their
+tokens hold the pad id until the train step encodes them.
 """
 
 import json
@@ -37,12 +41,12 @@ import os
 import grain
 import numpy as np
 
-from unimm.batch import BATCH_DTYPES, BATCH_KEYS, CLEAN_IMAGE, FEATURES, NOISED_IMAGE, TEXT
+from unimm.batch import (BATCH_DTYPES, BATCH_KEYS, BATCH_NDIM, CLEAN_IMAGE, FEATURES,
+                         NOISED_IMAGE, TEXT)
 from unimm.data import records
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
-from unimm.models.image_tokenizer import image_tokenizer
-
+from unimm.image_grid import image_grid
 
 
 # ----------------------------------------------------------------- encoding
@@ -53,7 +57,10 @@ def encode_document(doc, tok, patcher, *, add_eos=True, seq_len=None):
 
   Layout: `<bos>`, then per segment in order: text -> its token ids; image ->
   `<boi>`, one position per patch (row-major; patch_index from
-  `patcher.patch_index`), `<eoi>`; finally `<eos>` if add_eos.
+  `patcher.patch_index`), `<eoi>`; finally `<eos>` if add_eos. `patcher` is an
+  image grid (`unimm.image_grid`): pixel patches go into `patches`; vae / vq
+  images into `pixels` (encode = 1), for the train step to encode; latent-cache
+  images are cut into `patches` (vae) or code ids in `tokens` (vq).
 
   Loss mask (next-token LM loss on targets[i] = tokens[i+1]): loss_mask[i] = 1
   iff position i is not an image position, position i+1 is not an image
@@ -89,19 +96,16 @@ def encode_document(doc, tok, patcher, *, add_eos=True, seq_len=None):
       num_images += 1
       target = seg.get("role") == "target"
       runs.special(tok.boi_id, loss=target)
-      modality = NOISED_IMAGE if target else CLEAN_IMAGE
       coder = patcher
       if getattr(patcher, "understanding", None) is not None and not target:
         coder = patcher.understanding  # Janus-Pro: condition images as pixel patches
-      if getattr(coder, "discrete", False):
-        ids, index = _encode_image(seg, coder, task, k)
-        if coder.causal:  # early fusion: codes are tokens like text, next-token loss on targets
-          runs.codes(ids, index, 0, TEXT, loss=target)
-        else:
-          runs.codes(ids, index, num_images, modality, loss=False)
+      slot, values, index = _encode_image(seg, coder, task, k)
+      if getattr(coder, "causal", False):
+        # early fusion: codes are tokens like text, next-token loss on targets
+        runs.image(slot, values, index, 0, TEXT, loss=target)
       else:
-        patches, index = _encode_image(seg, coder, task, k)
-        runs.image(patches, index, num_images, modality)
+        runs.image(slot, values, index, num_images, NOISED_IMAGE if target else CLEAN_IMAGE,
+                   loss=False)
       runs.special(tok.eoi_id, loss=False)
       ends_in_target = target
     else:
@@ -121,11 +125,12 @@ def encode_document(doc, tok, patcher, *, add_eos=True, seq_len=None):
 
 
 def _encode_image(seg, patcher, task, k):
-  """One image segment -> (patches [N, D] or code ids [N], patch_index [N]).
+  """One image segment -> (slot, values, patch_index [N]), slot naming where the values go:
+  "patches" (pixel patches, or vae latent patches of a latent cache: [N, D]), "tokens" (vq
+  code ids of a latent cache: [N]) or "pixels" (vae / vq: uint8 [N, P], to encode).
 
-  Checks the image (dtype, size, channels) and tokenizes it; a segment from a
-  latent cache (`latent`: the tokenizer's output, see unimm.tokenize) is only
-  cut into tokens."""
+  Checks the image (dtype, size, channels); a segment from a latent cache (`latent`: the
+  tokenizer's output, see unimm.tokenize) is only cut into tokens."""
   what = f"document (task {task!r}) segment {k} image"
   if "latent" in seg:
     if not hasattr(patcher, "from_latent"):
@@ -135,7 +140,8 @@ def _encode_image(seg, patcher, task, k):
     if len(tokens) != patcher.num_patches:
       raise UserError(f"{what}: the cached latent has {len(tokens)} tokens, the config "
                       f"{patcher.num_patches}: encode the cache at data.image_size")
-    return tokens, patcher.patch_index(patcher.grid, patcher.grid)
+    slot = "tokens" if getattr(patcher, "discrete", False) else "patches"
+    return slot, tokens, patcher.patch_index(patcher.grid, patcher.grid)
   image = seg["image"]
   dtype = getattr(image, "dtype", None)
   if dtype != np.uint8:
@@ -143,11 +149,11 @@ def _encode_image(seg, patcher, task, k):
         f"{what} has dtype {dtype}, expected uint8 pixels in [0, 255]: "
         "convert it with np.asarray(image).astype(np.uint8)")
   patcher.check(image, what=what)
-  rows, cols = image.shape[0] // patcher.patch_size, image.shape[1] // patcher.patch_size
-  out = patcher.encode(image)
-  if not getattr(patcher, "discrete", False):
-    out = np.asarray(out, dtype=np.float32)
-  return out, patcher.patch_index(rows, cols)
+  index = patcher.patch_index(image.shape[0] // patcher.patch_size,
+                              image.shape[1] // patcher.patch_size)
+  if patcher.pixel_dim:
+    return "pixels", patcher.pixels(image), index
+  return "patches", np.asarray(patcher.encode(image), dtype=np.float32), index
 
 
 class _Runs:
@@ -159,10 +165,10 @@ class _Runs:
 
   def __init__(self, pad_id, patcher):
     self.pad_id = pad_id
-    self.patch_dim = patcher.patch_dim
+    self.patch_dim, self.pixel_dim = patcher.patch_dim, patcher.pixel_dim
     self.ids = []
     self.runs = []    # (length, has_loss, modality, image_id) per run
-    self.images = []  # (start position, [N, D] patches, [N] patch_index) per image
+    self.images = []  # (start position, slot, values, [N] patch_index) per image
 
   def text(self, ids, loss):
     self.ids.extend(ids)
@@ -171,16 +177,12 @@ class _Runs:
   def special(self, token_id, loss):
     self.text((token_id,), loss)
 
-  def image(self, patches, index, image_id, modality):
-    self.images.append((len(self.ids), patches, index))
-    self.ids.extend([self.pad_id] * len(patches))
-    self.runs.append((len(patches), False, modality, image_id))
-
-  def codes(self, ids, index, image_id, modality, loss):
-    """An image as discrete token ids (vq codes): tokens, no patches."""
-    self.images.append((len(self.ids), None, index))
-    self.ids.extend(int(i) for i in ids)
-    self.runs.append((len(ids), loss, modality, image_id))
+  def image(self, slot, values, index, image_id, modality, loss):
+    """An image's positions; `values` go into its slot (see _encode_image): code ids are its
+    tokens, otherwise its tokens are pad."""
+    self.images.append((len(self.ids), slot, values, index))
+    self.ids.extend(values.tolist() if slot == "tokens" else [self.pad_id] * len(index))
+    self.runs.append((len(index), loss, modality, image_id))
 
   def finish(self):
     n = len(self.ids)
@@ -195,16 +197,21 @@ class _Runs:
     loss_mask = np.zeros(n, np.float32)
     loss_mask[:-1] = is_text[:-1] & is_text[1:] & has_loss[1:]
     patches = np.zeros((n, self.patch_dim), np.float32)
+    pixels = np.zeros((n, self.pixel_dim), np.uint8)
+    encode = np.zeros(n, np.int32)
     patch_index = np.zeros(n, np.int32)
-    for start, p, index in self.images:
-      if p is not None:
-        patches[start:start + len(p)] = p
-      patch_index[start:start + len(index)] = index
+    for start, slot, values, index in self.images:
+      at = slice(start, start + len(index))
+      if slot == "patches":
+        patches[at] = values
+      elif slot == "pixels":
+        pixels[at], encode[at] = values, 1
+      patch_index[at] = index
     return {
         "tokens": tokens, "targets": targets, "loss_mask": loss_mask,
         "patches": patches, "modality": modality,
         "image_ids": np.repeat(image_ids.astype(np.int32), lengths),
-        "patch_index": patch_index,
+        "patch_index": patch_index, "pixels": pixels, "encode": encode,
     }
 
 
@@ -354,23 +361,6 @@ def check_latent_cache(location, cfg):
   return True
 
 
-def check_encoding_workers(cfg):
-  """A vae / vq tokenizer encodes images inside the data pipeline; that must happen in
-  Grain worker processes: run in the training process, its XLA:CPU programs and the
-  train step's share one thread pool and can stall each other (a hang on small hosts).
-  Latent caches need no encoding."""
-  if getattr(cfg.model, "image_tokenizer", "pixels") == "pixels" or int(cfg.data.num_workers) > 0:
-    return
-  needs = [name for name, location, _ in parse_mixture(getattr(cfg.data, "mixture", "shapes"))
-           if location == "shapes" or not check_latent_cache(location, cfg)]
-  if needs:
-    raise UserError(
-        f"model.image_tokenizer='{cfg.model.image_tokenizer}' encodes the images of data source "
-        f"{needs[0]!r} in the data pipeline, which needs worker processes: set "
-        "data.num_workers=1 or more (or stream a latent cache written by python -m unimm.tokenize "
-        "encode)")
-
-
 # ------------------------------------------------------------ record loading
 
 
@@ -501,15 +491,17 @@ class _CountSkipsIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
-# The packer moves two arrays per document: the per-position ints stacked as
-# columns, and the patches (packing cost grows with the number of features).
-_INT_COLUMNS = ("tokens", "targets", "modality", "image_ids", "patch_index", "loss_mask")
+# The packer moves three arrays per document: the per-position ints stacked as
+# columns, the patches and the pixels (packing cost grows with the number of features).
+_INT_COLUMNS = ("tokens", "targets", "modality", "image_ids", "patch_index", "loss_mask",
+                "encode")
+_VECTORS = ("patches", "pixels")  # per-position vectors: [n, D] each
 
 
 def _to_packed(encoded):
-  """encode_document's arrays -> {"ints": [n, 6] int32, "patches": [n, D]}."""
+  """encode_document's arrays -> {"ints": [n, 7] int32, "patches": [n, D], "pixels": [n, P]}."""
   ints = np.stack([encoded[k].astype(np.int32, copy=False) for k in _INT_COLUMNS], axis=-1)
-  return {"ints": ints, "patches": encoded["patches"]}
+  return {"ints": ints, **{k: encoded[k] for k in _VECTORS}}
 
 
 def unstack(element):
@@ -518,27 +510,29 @@ def unstack(element):
   ints = element["ints"]
   out = {k: ints[..., j] for j, k in enumerate(_INT_COLUMNS)}
   out["loss_mask"] = out["loss_mask"].astype(np.float32)
-  out["patches"] = element["patches"]
+  out.update({k: element[k] for k in _VECTORS})
   return out
 
 
 def _collate(rows):
   """Packed rows -> one batch.
 
-  The packer moves only the small int columns (tokens, ids, ...: 24 bytes a
-  position); each document's patches ride along as a list and are written
-  once, straight into the batch's [B, L, D] array (the patches are most of
+  The packer moves only the small int columns (tokens, ids, ...: 28 bytes a
+  position); each document's patches and pixels ride along as lists and are
+  written once, straight into the batch's [B, L, D] arrays (they are most of
   the bytes: packing and then stacking them would copy them twice). The
   rows' skip counts are summed into `data_stats`."""
   ints = np.stack([row["ints"] for row in rows])
-  dim = rows[0]["patches"][0].shape[-1]
-  patches = np.zeros(ints.shape[:2] + (dim,), np.float32)
-  for r, row in enumerate(rows):
-    at = 0
-    for p in row["patches"]:
-      patches[r, at:at + len(p)] = p
-      at += len(p)
-  out = unstack({"ints": ints, "patches": patches})
+  vectors = {}
+  for k in _VECTORS:
+    first = rows[0][k][0]
+    vectors[k] = np.zeros(ints.shape[:2] + first.shape[-1:], first.dtype)
+    for r, row in enumerate(rows):
+      at = 0
+      for p in row[k]:
+        vectors[k][r, at:at + len(p)] = p
+        at += len(p)
+  out = unstack({"ints": ints, **vectors})
   out["segment_ids"] = np.stack([row["ints_segment_ids"] for row in rows])
   out["positions"] = np.stack([row["ints_positions"] for row in rows])
   out["data_stats"] = np.stack([np.sum(row["stats"], axis=0) for row in rows])
@@ -577,8 +571,6 @@ def make_dataset(cfg, *, process_index=0, process_count=1, source=None):
         f"process_index {process_index} is outside [0, {process_count})")
   if int(d.pack_bins) < 1:
     raise UserError(f"data.pack_bins is {d.pack_bins}: set it to 1 or more")
-  if source is None:
-    check_encoding_workers(cfg)
   seq_len = int(d.seq_len)
   tok = load_tokenizer(d.tokenizer)
   it = document_stream(cfg, process_index=process_index, process_count=process_count,
@@ -586,7 +578,7 @@ def make_dataset(cfg, *, process_index=0, process_count=1, source=None):
   it = grain.experimental.FirstFitPackIterDataset(
       it, length_struct={"ints": seq_len},
       num_packing_bins=int(d.pack_bins), seed=int(cfg.seed),
-      padding_struct=_padding(tok.pad_id), meta_features=("stats", "patches"))
+      padding_struct=_padding(tok.pad_id), meta_features=("stats",) + _VECTORS)
   it = it.batch(batch, drop_remainder=True, batch_fn=_collate)
   if int(d.num_workers) > 0:
     _allow_unparsed_absl_flags()
@@ -600,7 +592,7 @@ def document_stream(cfg, *, process_index=0, process_count=1, source=None, tok=N
   packing), with skip markers removed and counted (`stats`)."""
   d = cfg.data
   tok = load_tokenizer(d.tokenizer) if tok is None else tok
-  patcher = image_tokenizer(cfg)
+  patcher = image_grid(cfg, tok.model_vocab_size())
   sources = {"custom": (source, 1.0)} if source is not None else make_sources(cfg)
   streams, weights = {}, {}
   for k, (name, (src, weight)) in enumerate(sources.items()):
@@ -757,8 +749,9 @@ def make_iterator(cfg, *, process_index=0, process_count=1, source=None):
 # --------------------------------------------------------------- validation
 
 
-def validate_batch(batch, *, seq_len, patch_dim, batch_size):
-  """Raises a one-line UserError if batch breaks the batch contract."""
+def validate_batch(batch, *, seq_len, patch_dim, batch_size, pixel_dim=0):
+  """Raises a one-line UserError if batch breaks the batch contract (pixel_dim: the image
+  grid's, 0 for pixel patches)."""
   if not hasattr(batch, "keys"):
     raise UserError(
         f"a batch must be a dict of arrays with keys {list(BATCH_KEYS)}, got "
@@ -768,9 +761,10 @@ def validate_batch(batch, *, seq_len, patch_dim, batch_size):
     raise UserError(
         f"batch is missing keys {missing}: a batch needs {list(BATCH_KEYS)} "
         "(see unimm.data.pipeline)")
+  dims = {"patches": ("patch_dim", patch_dim), "pixels": ("pixel_dim", pixel_dim)}
   for k in BATCH_KEYS:
     x = batch[k]
-    want = (batch_size, seq_len) + ((patch_dim,) if k == "patches" else ())
+    want = (batch_size, seq_len) + ((dims[k][1],) if BATCH_NDIM[k] == 3 else ())
     shape = tuple(getattr(x, "shape", ()))
     if k == "patches" and shape[:2] == want[:2] and len(shape) == 3:
       if shape[2] != patch_dim:
@@ -779,7 +773,7 @@ def validate_batch(batch, *, seq_len, patch_dim, batch_size):
       raise UserError(
           f"batch[{k!r}] has shape {shape}, expected {want} "
           "(data.batch_size per process, data.seq_len"
-          f"{', patch_dim' if k == 'patches' else ''})")
+          f"{', ' + dims[k][0] if BATCH_NDIM[k] == 3 else ''})")
     dtype = np.dtype(getattr(x, "dtype", object))
     if dtype != BATCH_DTYPES[k]:
       name = np.dtype(BATCH_DTYPES[k]).name

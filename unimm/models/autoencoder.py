@@ -3,9 +3,9 @@
 `build_tokenizer(t)` makes the KL autoencoder (`unimm.models.vae.AutoencoderKL`)
 or the quantized one (`VQAutoencoder`: the same conv encoder / decoder around a
 VQ, FSQ or LFQ quantizer). `load_autoencoder(workdir)` restores what
-`python -m unimm.train.autoencoder` trained there and gives numpy-in,
-numpy-out `encode` / `decode` for the data pipeline, sampling and the
-`unimm.tokenize` CLI:
+`python -m unimm.train.autoencoder` trained there: `latents(variables, images)`,
+a jax function of its variables that the train step runs on the device, and
+numpy-in, numpy-out `encode` / `decode` for sampling and the `unimm.tokenize` CLI:
 
     vae: uint8 [n, H, W, 3] -> float32 latents [n, H/f, W/f, c], normalised
          (z - shift) * scale with shift / scale measured on held-out images
@@ -14,7 +14,6 @@ numpy-out `encode` / `decode` for the data pipeline, sampling and the
 
 import json
 import os
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -22,14 +21,11 @@ import numpy as np
 from flax import nnx
 
 from unimm.errors import UserError
+from unimm.image_grid import downsampling, num_codes, tokenizer_config
 from unimm.models.quantizers import FSQ, LFQ, QuantizerStat, VectorQuantizer
 from unimm.models.vae import AutoencoderKL, Conv, Decoder, Encoder, VAEConfig
 
 KINDS = ("vae", "vq")
-# One tokenizer call at a time per process: the data pipeline calls encode from several
-# read threads, and concurrent executions from Python threads can starve the XLA:CPU
-# client's small thread pool (seen as a hang on a 2-core host).
-_CALL_LOCK = threading.Lock()
 QUANTIZERS = ("vq", "fsq", "lfq")
 
 
@@ -47,18 +43,6 @@ def build_quantizer(t, rngs):
     return FSQ(t.fsq_levels)
   return LFQ(t.code_dim, entropy_weight=t.lfq_entropy_weight,
              commitment_weight=t.lfq_commitment_weight)
-
-
-def num_codes(t) -> int:
-  if t.quantizer == "vq":
-    return int(t.num_codes)
-  if t.quantizer == "fsq":
-    return int(np.prod(t.fsq_levels))
-  return 2 ** int(t.code_dim)
-
-
-def downsampling(t) -> int:
-  return 2 ** (len(t.block_out_channels) - 1)
 
 
 class VQAutoencoder(nnx.Module):
@@ -141,49 +125,41 @@ class TrainedAutoencoder:
   """A tokenizer trained by `python -m unimm.train.autoencoder`, restored from its workdir."""
 
   def __init__(self, workdir):
-    from unimm.config import tokenizer_defaults
     workdir = os.path.abspath(workdir)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-      raise UserError(f"'{workdir}' is not a tokenizer workdir (no config.json): train one with "
-                      "python -m unimm.train.autoencoder --config configs/vq_shapes.py --workdir DIR")
-    saved = json.load(open(path))
-    if "tokenizer" not in saved:
-      raise UserError(f"'{workdir}' holds no tokenizer (config.json has no 'tokenizer' section)")
-    t = tokenizer_defaults()
-    t.update({k: v for k, v in saved["tokenizer"].items() if k in t})
+    t, self.image_size = tokenizer_config(workdir)
     self.workdir, self.t, self.kind = workdir, t, t.kind
-    self.image_size = int(saved.get("data", {}).get("image_size", 0))
     self.factor = downsampling(t)
     abstract = nnx.eval_shape(lambda: build_tokenizer(t, nnx.Rngs(0)))
     graphdef, abs_params, abs_stats = nnx.split(abstract, nnx.Param, QuantizerStat)
     want = {"params": abs_params, "stats": abs_stats}
     state, self.step = restore_params(os.path.join(workdir, "checkpoints"), want,
                                       keys=("params", "stats"))
-    self.model = nnx.merge(graphdef, state["params"], state["stats"])
+    # the variables (parameters and quantizer statistics) are an input of the jax functions
+    self.graphdef, self.variables = nnx.split(nnx.merge(graphdef, state["params"], state["stats"]))
     if t.kind == "vae":
       self.channels, self.num_codes = int(t.latent_channels), 0
       stats = _latent_stats(workdir)
       self.shift, self.scale = stats["latent_mean"], 1.0 / stats["latent_std"]
     else:
       self.channels, self.num_codes = 0, num_codes(t)
-    self._encode = jax.jit(self._encode_fn)
+    self._encode = jax.jit(self.latents)
     self._decode = jax.jit(self._decode_fn)
 
-  def __reduce__(self):  # Grain worker processes reload it from the workdir
-    return (load_autoencoder, (self.workdir,))
-
-  def _encode_fn(self, images):
+  def latents(self, variables, images):
+    """uint8 [n, H, W, 3] -> normalised latents [n, h, w, c] (vae) or codes [n, h, w] (vq):
+    jax, a function of the tokenizer's `variables`."""
+    model = nnx.merge(self.graphdef, variables)
     x = to_float(images)
     if self.kind == "vae":
-      mean, _ = self.model.encode(x)
+      mean, _ = model.encode(x)
       return (mean - self.shift) * self.scale
-    return self.model.quantizer(self.model.encode(x))["indices"].astype(jnp.int32)
+    return model.quantizer(model.encode(x))["indices"].astype(jnp.int32)
 
-  def _decode_fn(self, z):
+  def _decode_fn(self, variables, z):
+    model = nnx.merge(self.graphdef, variables)
     if self.kind == "vae":
-      return to_uint8(self.model.decode(z / self.scale + self.shift))
-    return to_uint8(self.model.decode(self.model.quantizer.indices_to_codes(z)))
+      return to_uint8(model.decode(z / self.scale + self.shift))
+    return to_uint8(model.decode(model.quantizer.indices_to_codes(z)))
 
   def encode(self, images):
     """uint8 [n, H, W, 3] -> latents float32 [n, h, w, c] (vae) or codes int32 [n, h, w] (vq)."""
@@ -194,13 +170,11 @@ class TrainedAutoencoder:
     if images.shape[1] % self.factor or images.shape[2] % self.factor:
       raise UserError(f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of the "
                       f"tokenizer's downsampling factor {self.factor}")
-    with _CALL_LOCK:
-      return np.asarray(self._encode(images))
+    return np.asarray(self._encode(self.variables, images))
 
   def decode(self, z):
     """Latents [n, h, w, c] or codes [n, h, w] -> uint8 images [n, h*f, w*f, 3]."""
-    with _CALL_LOCK:
-      return np.asarray(self._decode(jnp.asarray(z)))
+    return np.asarray(self._decode(self.variables, jnp.asarray(z)))
 
 
 def _latent_stats(workdir):

@@ -163,8 +163,8 @@ def build_model(cfg, *, vocab_size, seed=None):
   """The unified model for a full config (model + data fields). vocab_size: the text
   tokenizer's embedding rows, replaced by model.vocab_size when that is set (`Run` checks
   that it covers the tokenizer)."""
+  patcher = image_tokenizer(cfg, vocab_size)  # vq codes follow the text tokenizer's ids
   vocab_size = cfg.model.vocab_size or vocab_size
-  patcher = image_tokenizer(cfg)
   code_offset = mask_id = None
   if getattr(patcher, "discrete", False):  # the vocabulary grows by the codebook and a mask id
     vocab_size, code_offset, mask_id = patcher.vocab_size(), patcher.code_offset, patcher.mask_id

@@ -13,9 +13,11 @@
   the most confident and re-masks the rest, cos(pi/2 s/T) of the codes masked
   after step s.
 
-Prompts are documents (`unimm.data.document`) encoded exactly as in training.
+Prompts are documents (`unimm.data.document`) encoded exactly as in training:
+vae / vq images by the image tokenizer on the device (`encode_images`).
 """
 
+import functools
 import math
 
 import jax
@@ -25,23 +27,26 @@ from flax import nnx
 
 from unimm.data import document as D
 from unimm.data.pipeline import encode_document
+from unimm.models.image_tokenizer import encode_images, frozen_variables
 from unimm.objectives import flow
 
 MASKGIT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel noise on the confidence at step 0
 
-SEQ_KEYS = ("tokens", "patches", "modality", "image_ids", "patch_index", "segment_ids", "positions")
+SEQ_KEYS = ("tokens", "targets", "patches", "modality", "image_ids", "patch_index", "pixels",
+            "encode", "segment_ids", "positions")
+_DOC_KEYS = SEQ_KEYS[:-2]
 
 
 def _stack(encoded, length, left_pad):
   """Pads encoded documents to `length` and stacks them; segment 0 marks padding."""
   n = len(encoded)
-  D_ = encoded[0]["patches"].shape[-1]
-  out = {k: np.zeros((n, length), np.int32) for k in SEQ_KEYS if k != "patches"}
-  out["patches"] = np.zeros((n, length, D_), np.float32)
+  out = {k: np.zeros((n, length) + encoded[0][k].shape[1:], encoded[0][k].dtype)
+         for k in _DOC_KEYS}
+  out.update({k: np.zeros((n, length), np.int32) for k in ("segment_ids", "positions")})
   for i, e in enumerate(encoded):
     m = len(e["tokens"])
     sl = slice(length - m, length) if left_pad else slice(0, m)
-    for k in ("tokens", "patches", "modality", "image_ids", "patch_index"):
+    for k in _DOC_KEYS:
       out[k][i, sl] = e[k]
     out["segment_ids"][i, sl] = 1
     out["positions"][i, sl] = np.arange(m)
@@ -60,6 +65,12 @@ class Sampler:
     self.tok, self.patcher = tokenizer, patcher
     self._forward = jax.jit(self._forward_fn)
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
+    self._encode_images = jax.jit(functools.partial(encode_images, patcher))
+
+  def _device(self, batch):
+    """A stacked batch on the device, its vae / vq images encoded."""
+    batch = jax.tree.map(jnp.asarray, batch)
+    return self._encode_images(frozen_variables(self.patcher), batch)
 
   def _model(self, params):
     """The model; routed experts run dropless here (capacity limits are a training-time
@@ -108,7 +119,7 @@ class Sampler:
     noised_idx = lambda b: np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
     ic, iu = noised_idx(bc), noised_idx(bu)
     # on the device once; every Euler step only swaps in the current x
-    bc, bu = jax.tree.map(jnp.asarray, bc), jax.tree.map(jnp.asarray, bu)
+    bc, bu = self._device(bc), self._device(bu)
     n, N, Dp = len(cond_docs), self.patcher.num_patches, self.patcher.patch_dim
     x = jax.random.normal(jax.random.key(seed), (n, N, Dp), jnp.float32)
     s = self.cfg.sample
@@ -158,7 +169,7 @@ class Sampler:
       enc.append(e)
     lengths = np.array([len(e["tokens"]) for e in enc])
     Lp = _round_up(int(lengths.max()))
-    b = _stack(enc, Lp, left_pad=True)
+    b = self._device(_stack(enc, Lp, left_pad=True))
     rows, N = len(docs), p.num_patches
     dtype = jax.tree.leaves(self.params)[0].dtype
     cache = self._model(self.params).init_cache(rows, Lp + N, dtype)
@@ -191,7 +202,7 @@ class Sampler:
       enc = [encode_document(d, self.tok, p, add_eos=False) for d in docs]
       b = _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), False)
       idx = np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
-      return jax.tree.map(jnp.asarray, b), idx
+      return self._device(b), idx
 
     bc, ic = batch(cond_docs)
     bu, iu = batch(uncond_docs) if guided else (None, None)
@@ -251,7 +262,7 @@ class Sampler:
     enc = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in docs]
     lengths = np.array([len(e["tokens"]) for e in enc])
     Lp = _round_up(int(lengths.max()))
-    b = _stack(enc, Lp, left_pad=True)
+    b = self._device(_stack(enc, Lp, left_pad=True))
     n = len(images)
     dtype = jax.tree.leaves(self.params)[0].dtype
     cache = self._model(self.params).init_cache(n, Lp + s.max_new_tokens, dtype)

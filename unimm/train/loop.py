@@ -59,7 +59,7 @@ class Run:
     check_batch_fits_mesh(cfg, self.mesh)
     self.tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_vocab(cfg, self.tokenizer)
-    self.patcher = image_tokenizer(cfg)
+    self.patcher = image_tokenizer(cfg, self.tokenizer.model_vocab_size())
     self.trainer = Trainer(cfg, self.mesh, self.tokenizer.model_vocab_size())
     self.data = make_iterator(cfg, process_index=jax.process_index(),
                               process_count=jax.process_count()) if with_data else None
@@ -80,7 +80,8 @@ class Run:
   def next_batch(self):
     batch = next(self.data)
     validate_batch(batch, seq_len=self.cfg.data.seq_len, patch_dim=self.patcher.patch_dim,
-                   batch_size=self.cfg.data.batch_size // jax.process_count())
+                   batch_size=self.cfg.data.batch_size // jax.process_count(),
+                   pixel_dim=self.patcher.pixel_dim)
     return self.trainer.device_batch(batch)
 
   def train(self, state, steps=None, log=print):
@@ -130,10 +131,11 @@ class Run:
 def routing_report(run, state, batches=16):
   """Expert load of each MoE block over `batches` training batches (the routing at the end
   of training): per block the max/mean of its experts' shares of the assignments."""
-  loss = jax.jit(run.trainer._loss)
+  trainer = run.trainer
+  loss = jax.jit(trainer._encoding_images(trainer._loss))
   loads = []
   for i in range(batches):
-    _, m = loss(state["params"], run.next_batch(), jax.random.key(i))
+    _, m = loss(state["params"], run.next_batch(), jax.random.key(i), trainer.tokenizer_variables)
     loads.append(np.asarray(jax.device_get(m["moe_block_load"])))
   load = np.mean(loads, axis=0)  # [blocks, E]
   per_block = load.max(axis=1) * load.shape[1]

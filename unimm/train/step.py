@@ -4,16 +4,21 @@ The model is split once (`nnx.split`) into a static graphdef and a State of
 float32 parameters. The step is a pure function of (state, batch, rng): it
 casts the parameters to the compute dtype, merges them into a model, computes
 the mixed loss and its gradients, and applies AdamW. It is jitted with explicit
-in/out shardings from the logical-axis rules, and the state is donated.
+in/out shardings from the logical-axis rules, and the state is donated. With a vae /
+vq image tokenizer the jitted functions also take its frozen variables and first
+encode the batch's images (`_encoding_images`).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from unimm.batch import BATCH_KEYS
+from unimm.batch import BATCH_KEYS, BATCH_NDIM
 from unimm.errors import UserError
+from unimm.models.image_tokenizer import encode_images, frozen_variables, image_tokenizer
 from unimm.models.unified import build_model
 from unimm.objectives.losses import unified_loss
 from unimm.parallel import sharding as shd
@@ -77,6 +82,7 @@ class Trainer:
     self.cfg, self.mesh, self.rules = cfg, mesh, tuple(tuple(r) for r in cfg.mesh.rules)
     self.vocab_size = vocab_size
     self.dtype = DTYPES[cfg.model.dtype]
+    self.image_tokenizer = image_tokenizer(cfg, vocab_size)  # (loaded outside eval_shape)
     abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size=vocab_size)[0])
     self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     self.tx, self.schedule = make_optimizer(
@@ -88,18 +94,23 @@ class Trainer:
         self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
         transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, nnx.Variable))
     self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings, "step": rep}
-    self.batch_shardings = {k: shd.batch_sharding(mesh, self.rules, 3 if k == "patches" else 2)
+    self.batch_shardings = {k: shd.batch_sharding(mesh, self.rules, BATCH_NDIM[k])
                             for k in BATCH_KEYS}
+    self.tokenizer_shardings = shd.state_shardings(
+        frozen_variables(self.image_tokenizer), mesh, self.rules)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         {"params": abstract_params, "opt_state": abstract_opt,
          "step": jax.ShapeDtypeStruct((), jnp.int32)},
         self.state_shardings)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-    self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_shardings, rep),
-                        out_shardings=(self.state_shardings, rep), donate_argnums=0)
-    self.loss_and_grads = jax.jit(
-        self._loss_and_grads, in_shardings=(self.param_shardings, self.batch_shardings, rep),
+    self.train_step = jax.jit(
+        self._encoding_images(self._step),
+        in_shardings=(self.state_shardings, self.batch_shardings, rep, self.tokenizer_shardings),
+        out_shardings=(self.state_shardings, rep), donate_argnums=0)
+    self.jit_loss_and_grads = jax.jit(
+        self._encoding_images(self._loss_and_grads),
+        in_shardings=(self.param_shardings, self.batch_shardings, rep, self.tokenizer_shardings),
         out_shardings=(rep, self.param_shardings))
 
   def from_pretrained(self, state, path):
@@ -144,3 +155,30 @@ class Trainer:
     """Host numpy batch (this process's rows) -> global jax arrays on the mesh."""
     return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], batch[k])
             for k in BATCH_KEYS}
+
+  # ---------------------------------------------- images encoded inside the step (vae / vq)
+  # The pipeline delivers vae / vq images as pixels; the jitted functions take the frozen
+  # tokenizer's variables as their last input (sharded by their logical axes, never
+  # optimised) and encode the batch's images before anything else.
+
+  def _encoding_images(self, fn):
+    """fn(x, batch, rng) -> fn(x, batch, rng, tokenizer variables), the batch encoded first."""
+
+    def encoded(x, batch, rng, variables):
+      with shd.use_mesh_rules(self.mesh, self.rules):
+        batch = encode_images(self.image_tokenizer, variables, batch)
+      return fn(x, batch, rng)
+
+    return encoded
+
+  @functools.cached_property
+  def tokenizer_variables(self):
+    """The frozen image tokenizer's variables on the mesh (none for pixel patches)."""
+    return jax.device_put(frozen_variables(self.image_tokenizer), self.tokenizer_shardings)
+
+  def step(self, state, batch, rng):
+    """The jitted train step: (state, metrics); the state is donated."""
+    return self.train_step(state, batch, rng, self.tokenizer_variables)
+
+  def loss_and_grads(self, params, batch, rng):
+    return self.jit_loss_and_grads(params, batch, rng, self.tokenizer_variables)
