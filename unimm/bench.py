@@ -191,7 +191,7 @@ def model_flops(cfg, params, batch):
 # ---------------------------------------------------------------------- data
 
 
-def synthetic_batch(cfg, vocab_size, patch_dim, seed=0):
+def synthetic_batch(cfg, vocab_size, patch_dim, pixel_dim=0, seed=0):
   """Random token ids, one document of the whole row per row (numpy, the batch contract)."""
   b, l = cfg.data.batch_size, cfg.data.seq_len
   tokens = np.random.default_rng(seed).integers(0, vocab_size, (b, l), dtype=np.int32)
@@ -199,12 +199,13 @@ def synthetic_batch(cfg, vocab_size, patch_dim, seed=0):
   return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
           "loss_mask": np.ones((b, l), np.float32),
           "patches": np.zeros((b, l, patch_dim), np.float32),
+          "pixels": np.zeros((b, l, pixel_dim), np.uint8), "encode": zeros,
           "modality": zeros, "image_ids": zeros, "patch_index": zeros,
           "segment_ids": np.ones((b, l), np.int32),
           "positions": np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()}
 
 
-def pipeline_batches(cfg, patch_dim, n=PIPELINE_BATCHES):
+def pipeline_batches(cfg, patch_dim, pixel_dim=0, n=PIPELINE_BATCHES):
   """The first n batches of the config's data pipeline (all rows: the mesh is this host's)."""
   from unimm.data.pipeline import make_iterator, validate_batch
   it = make_iterator(cfg)
@@ -214,7 +215,7 @@ def pipeline_batches(cfg, patch_dim, n=PIPELINE_BATCHES):
     it.close()
   for batch in batches:
     validate_batch(batch, seq_len=cfg.data.seq_len, patch_dim=patch_dim,
-                   batch_size=cfg.data.batch_size)
+                   batch_size=cfg.data.batch_size, pixel_dim=pixel_dim)
   return batches
 
 
@@ -261,7 +262,7 @@ def train_step_bench(cfg, name, *, steps, warmup, data, devices, peers):
   """Times the config's train step on each kind of `data` (one compile: the shapes are the
   same); returns the JSON records, the peers' first."""
   from unimm.data.tokenizer import load_tokenizer
-  from unimm.models.image_tokenizer import image_tokenizer
+  from unimm.image_grid import image_grid
   from unimm.parallel.sharding import make_mesh
   from unimm.train.loop import check_batch_fits_mesh, check_vocab
   from unimm.train.step import Trainer
@@ -269,7 +270,8 @@ def train_step_bench(cfg, name, *, steps, warmup, data, devices, peers):
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   check_vocab(cfg, tokenizer)
   vocab = cfg.model.vocab_size or tokenizer.model_vocab_size()
-  patch_dim = image_tokenizer(cfg).patch_dim
+  grid = image_grid(cfg, tokenizer.model_vocab_size())
+  patch_dim, pixel_dim = grid.patch_dim, grid.pixel_dim
   params = parameter_summary(cfg, vocab)
   # first, before JAX takes the accelerator's memory
   peer = {d: run_peer(cfg, name, d, steps, warmup, vocab) for d in data} if peers else {}
@@ -287,20 +289,21 @@ def train_step_bench(cfg, name, *, steps, warmup, data, devices, peers):
   compiled = compile_s = None
   lines = []
   for kind in data:
-    host = ([synthetic_batch(cfg, vocab, patch_dim, cfg.seed)] if kind == "synthetic"
-            else pipeline_batches(cfg, patch_dim))
+    host = ([synthetic_batch(cfg, vocab, patch_dim, pixel_dim, cfg.seed)] if kind == "synthetic"
+            else pipeline_batches(cfg, patch_dim, pixel_dim))
     counted = [model_flops(cfg, params, b) for b in host]
     batches = [trainer.device_batch(b) for b in host]
     if compiled is None:
       t = time.perf_counter()
-      compiled = trainer.step.lower(state, batches[0], rng).compile()
+      frozen = trainer.tokenizer_variables  # the image tokenizer's (vae / vq), else empty
+      compiled = trainer.train_step.lower(state, batches[0], rng, frozen).compile()
       compile_s = time.perf_counter() - t
     for i in range(warmup):
-      state, metrics = jax.block_until_ready(compiled(state, batches[i % len(batches)], rng))
+      state, metrics = jax.block_until_ready(compiled(state, batches[i % len(batches)], rng, frozen))
     times, flops = [], []
     for i in range(warmup, warmup + steps):
       t = time.perf_counter()
-      state, metrics = jax.block_until_ready(compiled(state, batches[i % len(batches)], rng))
+      state, metrics = jax.block_until_ready(compiled(state, batches[i % len(batches)], rng, frozen))
       times.append(time.perf_counter() - t)
       flops.append(counted[i % len(counted)][0])
     line = step_record(cfg, name, kind, devs, compiled, compile_s, warmup, times, flops, params,
