@@ -17,8 +17,12 @@ TINY = ["--config.model.width=32", "--config.model.depth=1", "--config.model.hea
         "--config.eval.n_edit=1", "--config.mesh.data=1"]
 
 
+# one device, and (as in conftest.py) compiles without XLA:CPU's backend optimisations
+XLA_FLAGS = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+
+
 def _run(*args):
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=XLA_FLAGS)
   r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
                      cwd=ROOT, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -82,7 +86,7 @@ def test_convert_then_train_on_a_mixture(tmp_path):
   last = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))][-1]
   assert last["step"] == 3 and last["data/read/pairs"] > 0 and last["data/read/edits"] > 0
   assert last["data/read/shapes"] > 0
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=XLA_FLAGS)
   bad = subprocess.run([sys.executable, "-m", "unimm.train", "--config", "configs/demo.py",
                         "--workdir", work, "--config.train.steps=4", "--config.data.num_workers=1",
                         *mix, *TINY], capture_output=True, text=True, env=env, cwd=ROOT,
