@@ -62,8 +62,11 @@ $(VENV)/libtpu/.installed: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu "$$($(PY) -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')"
 	touch $@
 
+# the suite in TEST_WORKERS processes (pytest-xdist; tests compile far more than they run, and
+# XLA compiles on one core)
+TEST_WORKERS ?= auto
 test: setup $(VENV)/libtpu/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # The train-step benchmark against the PyTorch peers on a GPU machine (launch/bench_gpu.sh says
 # what it runs): JSON lines, tables and logs in $(OUT). It uses the machine's own Python.

@@ -18,21 +18,42 @@ if os.path.exists(_LIBTPU):
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+  """The slow tests first, so that parallel workers (`make test` runs pytest-xdist) do not end
+  on one of them while the others idle."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _shared_dir(tmp_path_factory, name):
+  """(directory, lock) shared by the xdist workers of this run (the process's own without
+  xdist): a session fixture built there once serves every worker."""
+  from filelock import FileLock
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  return root / name, FileLock(str(root / f"{name}.lock"))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizers(tmp_path_factory):
   """Workdirs of a tiny KL-VAE and a tiny quantized tokenizer (FSQ, 4 x 4 x 4 = 64 codes,
-  the quickest to compile), 16x16 Shapes images, f=2, a few training steps each."""
+  the quickest to compile), 16x16 Shapes images, f=2, a few training steps each; trained
+  once per run, by the first worker that asks."""
   import jax
   from unimm.train import autoencoder as ae
-  out = {}
-  for kind in ("vae", "vq"):
-    c = ae.default_config()
-    c.data.update(image_size=16, batch_size=4)
-    c.train.update(steps=4, log_every=100, ckpt_every=100)
-    c.optim.update(lr=3e-3, warmup_steps=1)
-    c.mesh.data = 1
-    c.tokenizer.update(kind=kind, quantizer="fsq", block_out_channels=(8, 16), norm_num_groups=4,
-                       fsq_levels=(4, 4, 4), eval_images=4)
-    out[kind] = str(tmp_path_factory.mktemp(f"tokenizer_{kind}"))
-    ae.train(c, out[kind], devices=jax.devices()[:1], log=lambda s: None)
+  root, lock = _shared_dir(tmp_path_factory, "tiny_tokenizers")
+  out = {kind: str(root / kind) for kind in ("vae", "vq")}
+  with lock:
+    if (root / "done").exists():
+      return out
+    for kind in ("vae", "vq"):
+      c = ae.default_config()
+      c.data.update(image_size=16, batch_size=4)
+      c.train.update(steps=4, log_every=100, ckpt_every=100)
+      c.optim.update(lr=3e-3, warmup_steps=1)
+      c.mesh.data = 1
+      c.tokenizer.update(kind=kind, quantizer="fsq", block_out_channels=(8, 16), norm_num_groups=4,
+                         fsq_levels=(4, 4, 4), eval_images=4)
+      ae.train(c, out[kind], devices=jax.devices()[:1], log=lambda s: None)
+    (root / "done").touch()
   return out

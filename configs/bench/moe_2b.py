@@ -16,7 +16,7 @@ def get_config():
   c = defaults()
   c.model.update(width=2048, depth=12, heads=32, kv_heads=8, head_dim=64, mlp_dim=768,
                  vocab_size=32_000, qk_norm=True, norm_eps=1e-6, dtype="bfloat16",
-                 attention="auto", scan=True, remat="none", ce_chunk=2048)
+                 attention="auto", scan=True, remat="none", ce_chunk=1024)
   c.model.moe.update(experts=32, top_k=4, expert_dim=768, shared_experts=0, router="softmax",
                      renormalize=True, impl="auto", capacity_factor=0.0)
   c.data.update(seq_len=2048, batch_size=4)
