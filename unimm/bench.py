@@ -431,7 +431,8 @@ def shapes_like_ids(batch, seq, image_tokens, seed=0):
   return MaskIds(**cols)
 
 
-def _time(fn, *args, iters):
+def mean_call_time(fn, *args, iters):
+  """Seconds per call of fn(*args) over `iters` calls, after one call that compiles."""
   jax.block_until_ready(fn(*args))  # compile
   t = time.perf_counter()
   for _ in range(iters):
@@ -485,8 +486,8 @@ def attention_bench(opts):
               (kernels.attention(q, k, v, ids, ids, impl) * dout).astype(jnp.float32)),
           argnums=(0, 1, 2)))
       try:
-        fwd_s = _time(fwd, q, k, v, ids, iters=iters)
-        both_s = _time(grad, q, k, v, dout, ids, iters=iters)
+        fwd_s = mean_call_time(fwd, q, k, v, ids, iters=iters)
+        both_s = mean_call_time(grad, q, k, v, dout, ids, iters=iters)
       except Exception as e:  # pylint: disable=broad-except  (a kernel being written may fail)
         records.append(dict(line, error=f"{type(e).__name__}: {(str(e) or '-').splitlines()[0]}"))
         continue

@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from unimm.config import defaults
-from unimm.data import convert, fixtures, records
+from unimm.data import convert, fixtures
 from unimm.data.pipeline import (ConvertedSource, _Load, _allow_unparsed_absl_flags,
                                  make_iterator, unstack)
 from unimm.data.tokenizer import load_tokenizer

@@ -17,26 +17,17 @@ F 768, 32 experts, top-4) on accelerators, a quarter of each side on CPU.
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from unimm.bench import mean_call_time
 from unimm.models import moe
 from unimm.models.layers import SwiGLU
 from unimm.models.moe import MoE
 from unimm.parallel import sharding as shd
-
-
-def _time(fn, *args, iters):
-  jax.block_until_ready(fn(*args))  # compile
-  t = time.perf_counter()
-  for _ in range(iters):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / iters
 
 
 def _kernels():
@@ -82,7 +73,7 @@ def main(argv=None):
   def measure(f_apply):
     fwd = jax.jit(f_apply)
     both = jax.jit(jax.grad(lambda x, w: jnp.sum(f_apply(x, w).astype(jnp.float32)), (0, 1)))
-    return _time(fwd, x, w, iters=a.iters), _time(both, x, w, iters=a.iters)
+    return mean_call_time(fwd, x, w, iters=a.iters), mean_call_time(both, x, w, iters=a.iters)
 
   peer = report("peer: plain matmul", *measure(lambda x, w: x @ w[0]), None)
   for name, kernel in _kernels().items():
@@ -103,8 +94,8 @@ def main(argv=None):
       y = y[0] if isinstance(y, tuple) else y
       return jnp.sum(y.astype(jnp.float32))
 
-    return (_time(jax.jit(lambda p, x: nnx.merge(graph, p)(x)), params, xs, iters=a.iters),
-            _time(jax.jit(jax.grad(loss)), params, xs, iters=a.iters))
+    return (mean_call_time(jax.jit(lambda p, x: nnx.merge(graph, p)(x)), params, xs, iters=a.iters),
+            mean_call_time(jax.jit(jax.grad(loss)), params, xs, iters=a.iters))
 
   flops = 3 * 2 * a.tokens * d * a.top_k * f  # the layer's matmuls (routing not counted)
   peer = report("layer peer: dense SwiGLU", *layer_time(dense), None)

@@ -11,7 +11,6 @@ Squared-distance losses are means over all elements (taming / Janus / lucidrains
 Quantization runs in float32; `z_q` comes back in the dtype of `z`.
 """
 
-import math
 
 import jax
 import jax.numpy as jnp

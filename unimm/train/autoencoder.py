@@ -33,7 +33,6 @@ its latest checkpoint.
 
 import collections
 import json
-import math
 import os
 import time
 
