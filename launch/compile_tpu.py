@@ -27,24 +27,13 @@ def main(argv):
   from unimm.config import parse_args
   cfg, opts = parse_args(argv, flags=("topology",))
   from jax.experimental import topologies
-  from unimm.batch import BATCH_DTYPES, BATCH_KEYS, BATCH_NDIM
   from unimm.data.tokenizer import load_tokenizer
-  from unimm.models.image_tokenizer import frozen_variables
   from unimm.parallel.sharding import make_mesh
   from unimm.train.step import Trainer
   topo = topologies.get_topology_desc(platform="tpu", topology_name=opts.get("topology") or "v5p:2x2x1")
   mesh = make_mesh(cfg.mesh, topo.devices)
   trainer = Trainer(cfg, mesh, load_tokenizer(cfg.data.tokenizer).model_vocab_size())
-  B, L = cfg.data.batch_size, cfg.data.seq_len
-  image = trainer.image_tokenizer
-  dims = {"patches": image.patch_dim, "pixels": image.pixel_dim}
-  batch = {k: jax.ShapeDtypeStruct((B, L, dims[k]) if BATCH_NDIM[k] == 3 else (B, L),
-                                   BATCH_DTYPES[k], sharding=trainer.batch_shardings[k])
-           for k in BATCH_KEYS}
-  frozen = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                        frozen_variables(image), trainer.tokenizer_shardings)
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  compiled = trainer.train_step.lower(trainer.abstract_state, batch, rng, frozen).compile()
+  compiled = trainer.train_step.lower(trainer.abstract_state, *trainer.abstract_inputs()).compile()
   mem = compiled.memory_analysis()
   print(f"compiled the train step for {opts.get('topology')}: {len(topo.devices)} chips, "
         f"mesh {dict(mesh.shape)}; per chip: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, "

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import pytest
 
 from tests.helpers import random_unified_ids
-from unimm.batch import BATCH_DTYPES, BATCH_NDIM
 from tests.test_sharding import tiny_config
 from unimm.kernels import attention as ka
 from unimm.kernels import mask as M
@@ -79,14 +78,9 @@ def test_train_step_lowered_for_gpu_holds_no_length_squared_buffer(vocab_size=38
     c.data.seq_len, c.data.batch_size = length, 2
     c.model.update(attention=impl, dtype="bfloat16", scan=True, remat="full", ce_chunk=128)
     trainer = Trainer(c, shd.make_mesh(c.mesh, jax.devices()[:1]), vocab_size)
-    dims = {"patches": 192, "pixels": 0}
-    batch = {k: jax.ShapeDtypeStruct((2, length, dims[k]) if BATCH_NDIM[k] == 3 else (2, length),
-                                     BATCH_DTYPES[k], sharding=s)
-             for k, s in trainer.batch_shardings.items()}
-    rng = jax.eval_shape(lambda: jax.random.key(0))
     with shd.target_platform("gpu"):
-      texts[impl] = trainer.train_step.trace(trainer.abstract_state, batch, rng, {}).lower(
-          lowering_platforms=("cuda",)).as_text()
+      texts[impl] = trainer.train_step.trace(trainer.abstract_state, *trainer.abstract_inputs()
+                                             ).lower(lowering_platforms=("cuda",)).as_text()
   assert "triton" in texts["flash"].lower()
   assert not _has_square(texts["flash"], length)
   assert _has_square(texts["xla"], length)  # the check sees the buffers it looks for

@@ -17,7 +17,6 @@ from tqdm import tqdm
 from unimm.data.pipeline import make_iterator, validate_batch
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
-from unimm.models.image_tokenizer import image_tokenizer
 from unimm.parallel.sharding import make_mesh
 from unimm.train.checkpoint import Checkpointer
 from unimm.train.step import Trainer
@@ -59,8 +58,8 @@ class Run:
     check_batch_fits_mesh(cfg, self.mesh)
     self.tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_vocab(cfg, self.tokenizer)
-    self.patcher = image_tokenizer(cfg, self.tokenizer.model_vocab_size())
     self.trainer = Trainer(cfg, self.mesh, self.tokenizer.model_vocab_size())
+    self.patcher = self.trainer.image_tokenizer
     self.data = make_iterator(cfg, process_index=jax.process_index(),
                               process_count=jax.process_count()) if with_data else None
     self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), cfg.train.keep_ckpts)

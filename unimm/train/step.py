@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from unimm.batch import BATCH_KEYS, BATCH_NDIM
+from unimm.batch import BATCH_DTYPES, BATCH_KEYS, BATCH_NDIM
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import encode_images, frozen_variables, image_tokenizer
 from unimm.models.unified import build_model
@@ -175,6 +175,18 @@ class Trainer:
   def tokenizer_variables(self):
     """The frozen image tokenizer's variables on the mesh (none for pixel patches)."""
     return jax.device_put(frozen_variables(self.image_tokenizer), self.tokenizer_shardings)
+
+  def abstract_inputs(self):
+    """(batch, rng, tokenizer variables) as shape-dtype structs with their shardings: what
+    `train_step` takes after the state, for ahead-of-time lowering (`abstract_state` first)."""
+    b, length = self.cfg.data.batch_size, self.cfg.data.seq_len
+    image = self.image_tokenizer
+    dims = {"patches": image.patch_dim, "pixels": image.pixel_dim}
+    batch = {k: jax.ShapeDtypeStruct((b, length, dims.get(k, 0))[:BATCH_NDIM[k]], BATCH_DTYPES[k],
+                                     sharding=self.batch_shardings[k]) for k in BATCH_KEYS}
+    variables = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                             frozen_variables(image), self.tokenizer_shardings)
+    return batch, jax.eval_shape(lambda: jax.random.key(0)), variables
 
   def step(self, state, batch, rng):
     """The jitted train step: (state, metrics); the state is donated."""
