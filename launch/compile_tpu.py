@@ -14,6 +14,7 @@ train_compile).
 
 import os
 import sys
+import time
 
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata on this host
 # the libtpu `make test` installs beside the venv (a pip-installed libtpu is found by itself)
@@ -33,11 +34,15 @@ def main(argv):
   topo = topologies.get_topology_desc(platform="tpu", topology_name=opts.get("topology") or "v5p:2x2x1")
   mesh = make_mesh(cfg.mesh, topo.devices)
   trainer = Trainer(cfg, mesh, load_tokenizer(cfg.data.tokenizer).model_vocab_size())
-  compiled = trainer.train_step.lower(trainer.abstract_state, *trainer.abstract_inputs()).compile()
+  lowered = trainer.train_step.lower(trainer.abstract_state, *trainer.abstract_inputs())
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
   print(f"compiled the train step for {opts.get('topology')}: {len(topo.devices)} chips, "
         f"mesh {dict(mesh.shape)}; per chip: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
-        f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, code {mem.generated_code_size_in_bytes / 2**20:.1f} MiB")
+        f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, code {mem.generated_code_size_in_bytes / 2**20:.1f} MiB; "
+        f"compiled in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

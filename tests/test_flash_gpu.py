@@ -69,6 +69,8 @@ def f32_case():
 def assert_close(got, want, tol):
   """Outputs and each gradient of two output_and_grads within `tol` relative error."""
   (out, grads), (want_out, want_grads) = got, want
+  print("relative error out, dq, dk, dv:", ", ".join(
+      f"{relative_error(g, w):.1e}" for g, w in zip((out, *grads), (want_out, *want_grads))))
   assert relative_error(out, want_out) < tol
   for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads):
     assert relative_error(g, w) < tol, name

@@ -76,6 +76,8 @@ def test_matches_reference(dtype, heads, kv_heads, dim, tol):
   ref = jax.jit(lambda q, k, v, do: _value_and_grads(
       lambda q, k, v: M.reference_attention(q, k, v, ids, ids), q, k, v, do))(
           f32(q), f32(k), f32(v), f32(do))
+  print(f"{jnp.dtype(dtype).name}: relative error out, dq, dk, dv:",
+        ", ".join(f"{_rel_err(g, r):.1e}" for g, r in zip(got, ref)))
   for name, g, r, x in zip(("out", "dq", "dk", "dv"), got, ref, (q, q, k, v)):
     assert g.dtype == dtype and g.shape == x.shape, name
     assert _rel_err(g, r) < tol, (name, _rel_err(g, r))

@@ -61,6 +61,8 @@ def test_levers_give_the_same_loss_and_gradients(kind, levers, vocab_size, np_ba
   loss, grads = loss_and_grads(model_config(kind, **levers), vocab_size, np_batch)
   assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
   errs = tree_rel_errs(grads, ref_grads)
+  print(f"{kind} {levers}: loss rel. err {abs(loss - ref_loss) / abs(ref_loss):.1e}, worst "
+        f"gradient leaf {max(errs.values()):.1e}")
   assert not {k: v for k, v in errs.items() if not v <= RTOL}, max(errs.values())
 
 
