@@ -44,6 +44,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0  # params init, data order and per-step noise all derive from it
 
   c.model = dict(
+      family="unified",    # "unified" (the unified transformer, unimm.models.unified) or "mmdit"
+                           # (conditioner + multimodal diffusion transformer, unimm.models.conditioning)
       width=256,           # residual stream width
       depth=4,             # transformer blocks
       heads=4,             # attention (query) heads
@@ -81,6 +83,30 @@ def defaults() -> ml_collections.ConfigDict:
           freeze_text=False,  # expert 0 and the embeddings / LM head get no updates (LMFusion)
           init_copy=False, # other experts start as copies of expert 0 (BAGEL)
       ),
+      mmdit=dict(           # model.family="mmdit": the multimodal diffusion transformer (SD3 / FLUX / Qwen-Image)
+          variant="flux",   # "flux" (double + single blocks, 3-axis RoPE), "sd3" (double blocks, 2-D sin-cos
+                            # position table, last block context_pre_only), "qwen" (double blocks, MSRoPE, text RMSNorm)
+          single_depth=0,   # single-stream (parallel attention + MLP) blocks after the double ones (flux)
+          mlp_ratio=4.0,
+          context_dim=0,    # width of the conditioning features entering the text stream (T5 4096, Qwen2.5-VL 3584); 0: width
+          pooled_dim=0,     # pooled text vector added to the timestep embedding (CLIP: 768 flux, 2048 sd3); 0: none
+          guidance_embed=False,  # distilled guidance scale embedded like t (FLUX.1-dev)
+          axes_dims=(16, 56, 56),  # RoPE dims per id axis (frame, row, col); sum = head_dim
+          pos_embed_max_size=0,  # sd3: side of the 2-D sin-cos position table (192 for SD3-Medium)
+          in_channels=0,    # image-stream input width; 0: the image tokenizer's patch_dim (2x with edit="concat")
+          out_channels=0,   # 0: patch_dim
+          edit="kontext",   # condition images of a document: "kontext" (appended to the image stream, RoPE frame
+                            # 1, 2, ...; FLUX.1 Kontext, OmniGen), "concat" (the aligned source patches
+                            # concatenated to the target's channels; InstructPix2Pix) or "none"
+          references=1,     # kontext: condition images appended to the image stream, at most
+      ),
+      condition=dict(      # model.family="mmdit": what the text stream holds
+          encoder="text",   # "text" (a small trainable text encoder), "llm" (final hidden states of the frozen
+                            # unified model in `llm`: Qwen-Image) or "metaquery" (learnable queries through it
+                            # and a trainable connector: MetaQuery)
+          llm="",           # llm / metaquery: the workdir of a trained unified model (frozen)
+          depth=2,          # blocks of the text encoder / the connector
+      ),
       patch_size=8,        # image patch side in pixels (image tokenizer "pixels")
       image_tokenizer="pixels",  # image tokens: "pixels" (patches), "vae" (latent patches) or "vq" (codes)
       tokenizer_path="",   # vae / vq: workdir of a tokenizer trained by python -m unimm.train.autoencoder
@@ -94,6 +120,8 @@ def defaults() -> ml_collections.ConfigDict:
       prediction="x0",     # "x0": network predicts the clean image, converted to velocity; "velocity"
       rope_theta=10_000.0,
       image_rope_2d=False, # image patches also rotate by (row, col) in half of each head's dims
+      source_patches=False,  # edits: a noised target patch also embeds the clean patch at its place in the
+                           # document's last condition image (InstructPix2Pix-style alignment, added)
       dtype="float32",     # compute dtype: "float32" or "bfloat16" (params stay float32)
       attention="auto",    # "xla" (dense mask built from ids), "flash" (Pallas kernel building each
                            # mask tile from the ids: Triton on GPU, Mosaic on TPU, interpreted on CPU),
@@ -112,10 +140,13 @@ def defaults() -> ml_collections.ConfigDict:
       tasks=dict(t2i=0.45, caption=0.25, qa=0.1, edit=0.15, story=0.05),
       two_object_prob=0.3,
       cfg_dropout=0.1,     # drop the condition text of generation targets (classifier-free guidance)
+      image_dropout=0.0,   # drop the condition images before a target, drawn independently of the text
+                           # (InstructPix2Pix's three-way dropout: text, image, both; two-scale guidance)
       tokenizer="byte",    # "byte" (needs no download) or a local tokenizer directory
       num_workers=0,       # Grain worker processes (0: in-process); a checkpoint resumes only with the same count
       read_threads=2,      # threads per process (or worker) decoding records ahead of packing
       pack_bins=8,         # first-fit packing bins
+      docs_per_row=0,      # at most this many documents packed into a row; 0: as many as fit (the MMDiT: 1)
       # "name[:weight],...": "shapes" (built in) or a folder written by `python -m unimm.data.convert`
       mixture="shapes",
       max_aspect=1.0,      # >1: images go to aspect-ratio buckets up to this ratio (1: centre-cropped squares)
@@ -127,8 +158,12 @@ def defaults() -> ml_collections.ConfigDict:
       loss_weight=1.0,     # lambda in  ce + lambda * flow
       t_mean=0.0,          # logit-normal t: t = sigmoid(N(t_mean, t_std))
       t_std=1.0,
-      shift=1.0,           # time shift at base_image_size; grows with sqrt(pixels / base pixels)
+      shift_kind="constant",  # "constant" (SD3: shift, scaled by resolution) or "flux" (e^mu, mu linear in
+                           # the image's tokens from base_shift at 256 to max_shift at 4096)
+      shift=1.0,           # constant: time shift at base_image_size; grows with sqrt(pixels / base pixels)
       base_image_size=32,
+      base_shift=0.5,      # flux: mu at 256 image tokens
+      max_shift=1.15,      # flux: mu at 4096 image tokens
       t_min=0.05,          # clamp of t when converting an x0 prediction to velocity
   )
   c.optim = dict(
@@ -156,8 +191,11 @@ def defaults() -> ml_collections.ConfigDict:
       rules=DEFAULT_RULES,
   )
   c.sample = dict(
-      steps=25,            # Euler steps from t=1 to t=0
-      cfg_scale=3.0,
+      steps=25,            # ODE steps from t=1 to t=0
+      solver="euler",      # the MMDiT's ODE solver: "euler" or "heun" (2nd order, two evaluations a step)
+      guidance=3.5,        # MMDiT with model.mmdit.guidance_embed (distilled): the embedded guidance scale
+      cfg_scale=3.0,       # text guidance (true classifier-free guidance; 1: none)
+      image_cfg_scale=1.0, # edits: source-image guidance (InstructPix2Pix two-scale form; 1: none)
       temperature=0.0,     # 0: greedy text decoding
       top_p=0.9,
       max_new_tokens=64,

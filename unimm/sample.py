@@ -25,8 +25,13 @@ from unimm.train.loop import Run
 
 
 def sampler_from_run(run, state):
-  """A Sampler over the run's parameters, left where they are (on the mesh)."""
-  return Sampler(run.trainer.graphdef, state["params"], run.cfg, run.tokenizer, run.patcher)
+  """A Sampler over the run's parameters, left where they are (on the mesh): the unified
+  model's, or the MMDiT's (`unimm.sampling.mmdit`)."""
+  kind = Sampler
+  if run.trainer.mmdit:
+    from unimm.sampling.mmdit import DiffusionSampler  # pylint: disable=import-outside-toplevel
+    kind = DiffusionSampler
+  return kind(run.trainer.graphdef, state["params"], run.cfg, run.tokenizer, run.patcher)
 
 
 def _load_image(path, size):

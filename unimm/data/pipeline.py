@@ -218,23 +218,29 @@ class _Runs:
 # --------------------------------------------------------- condition dropout
 
 
-def condition_dropout(doc, rng, p):
-  """With probability p, drops the text before the first target image.
+def condition_dropout(doc, rng, p, p_image=0.0):
+  """With probability p, drops the text before the first target image; with probability
+  p_image (a second, independent draw, made only when p_image > 0), the images before it.
 
-  This trains the unconditional branch for classifier-free guidance. Only
-  text segments before the first target image go; images (e.g. the source
-  image of an edit) and everything after stay. Documents without a target
-  image are returned unchanged. The input is never mutated; a dropped copy
-  carries meta["cfg_dropped"] = True. One draw from `rng` per call.
+  This trains the unconditional branches for classifier-free guidance (with both,
+  InstructPix2Pix's three-way dropout: text only, image only, both). Everything from the first
+  target image on stays. Documents without a target image are returned unchanged. The input is
+  never mutated; a dropped copy carries meta["cfg_dropped"] = True (text) and / or
+  meta["image_dropped"] = True.
   """
   drop = rng.random() < p
+  drop_image = p_image > 0 and rng.random() < p_image
   segments = doc["segments"]
   first = next((k for k, s in enumerate(segments)
                 if s.get("kind") == "image" and s.get("role") == "target"), None)
-  if not drop or first is None:
+  if not (drop or drop_image) or first is None:
     return doc
-  kept = [s for k, s in enumerate(segments) if k >= first or s["kind"] != "text"]
-  meta = dict(doc.get("meta") or {}, cfg_dropped=True)
+  gone = {"text"} if drop else set()
+  gone |= {"image"} if drop_image else set()
+  kept = [s for k, s in enumerate(segments) if k >= first or s["kind"] not in gone]
+  meta = dict(doc.get("meta") or {})
+  meta.update({"cfg_dropped": True} if drop else {})
+  meta.update({"image_dropped": True} if drop_image else {})
   return {**doc, "segments": kept, "meta": meta}
 
 
@@ -381,6 +387,7 @@ class _Load(grain.transforms.Map):
     self.k, self.tok, self.patcher, self.seed = k, tok, patcher, seed
     self.seq_len = int(data_cfg.seq_len)
     self.dropout = float(data_cfg.cfg_dropout)
+    self.image_dropout = float(getattr(data_cfg, "image_dropout", 0.0))
     self.caption_prob = float(getattr(data_cfg, "pair_caption_prob", 0.0))
 
   def map(self, element):
@@ -393,8 +400,8 @@ class _Load(grain.transforms.Map):
         doc = self._decode(records.unpack(record))
         if self.caption_prob > 0 and rng.random() < self.caption_prob:
           doc = caption_pair(doc)
-      if self.dropout > 0:
-        doc = condition_dropout(doc, rng, self.dropout)
+      if self.dropout > 0 or self.image_dropout > 0:
+        doc = condition_dropout(doc, rng, self.dropout, self.image_dropout)
       out = encode_document(doc, self.tok, self.patcher)
       n = len(out["tokens"])
       if n > self.seq_len:
@@ -578,7 +585,8 @@ def make_dataset(cfg, *, process_index=0, process_count=1, source=None):
   it = grain.experimental.FirstFitPackIterDataset(
       it, length_struct={"ints": seq_len},
       num_packing_bins=int(d.pack_bins), seed=int(cfg.seed),
-      padding_struct=_padding(tok.pad_id), meta_features=("stats",) + _VECTORS)
+      padding_struct=_padding(tok.pad_id), meta_features=("stats",) + _VECTORS,
+      max_sequences_per_bin=int(getattr(d, "docs_per_row", 0)) or None)
   it = it.batch(batch, drop_remainder=True, batch_fn=_collate)
   if int(d.num_workers) > 0:
     _allow_unparsed_absl_flags()

@@ -14,10 +14,12 @@ def evaluate(sampler, cfg, workdir=None, log=print):
   bench = ShapesEval(seed=e.seed, image_size=cfg.data.image_size, n_single=e.n_single,
                      n_double=e.n_double, n_caption=e.n_caption, n_qa=e.n_qa, n_edit=e.n_edit)
   seed = int(e.seed)
+  understands = can_caption(sampler)
   scores = bench.run(
       generate=lambda prompts: sampler.text_to_image(prompts, seed=seed),
-      caption=lambda images: sampler.image_to_text(images),
-      answer=lambda images, questions: sampler.image_to_text(images, [q + " " for q in questions]),
+      caption=(lambda images: sampler.image_to_text(images)) if understands else None,
+      answer=((lambda images, questions: sampler.image_to_text(images, [q + " " for q in questions]))
+              if understands else None),
       edit=lambda images, instructions: sampler.edit(images, instructions, seed=seed),
       batch_size=64)
   if workdir:
@@ -39,11 +41,17 @@ def _sample_grid(sampler, bench, path, seed):
   for s, i, o in zip(src, instr, edited):
     images += [s, o]
     labels += ["edit source", i]
-  real = bench.render(bench.captioned[:8])
-  captions = sampler.image_to_text(real)
-  images += list(real)
-  labels += [f"caption: {c}" for c in captions]
+  if can_caption(sampler):
+    real = bench.render(bench.captioned[:8])
+    captions = sampler.image_to_text(real)
+    images += list(real)
+    labels += [f"caption: {c}" for c in captions]
   save_grid(path, np.stack(images), ncols=8, labels=labels)
+
+
+def can_caption(sampler):
+  """Whether the sampler's model understands images (an MMDiT only with a frozen LLM)."""
+  return getattr(sampler, "llm", True) is not None
 
 
 def format_scores(scores):

@@ -71,7 +71,7 @@ def tile_mask(q_code, q_pos, k_code, k_pos):
   return same_seg & (causal | same_img) & ~(noised_key & ~same_img)
 
 
-def _run_bounds(key):
+def run_bounds(key):
   """For [B, L] ids constant over contiguous runs: (first, last) index of each token's run."""
   b, l = key.shape
   idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -82,16 +82,35 @@ def _run_bounds(key):
   return first, last
 
 
+def aligned_source(segment, modality, image):
+  """For editing (InstructPix2Pix-style alignment): per token, the index of the token at the
+  same place of the last condition image before it in its document, and whether that is
+  usable: [B, L] int32, [B, L] bool, True only at noised-image tokens whose source image has
+  the same number of tokens (an image of another size is never used misaligned)."""
+  from unimm.batch import CLEAN_IMAGE  # pylint: disable=import-outside-toplevel
+  b, l = segment.shape
+  idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  first, last = run_bounds(jnp.where(image > 0, segment * MAX_IMAGE + image, -1 - idx))
+  clean_start = (modality == CLEAN_IMAGE) & (image > 0) & (idx == first)
+  src_first = jax.lax.cummax(jnp.where(clean_start, idx, -1), axis=1)
+  at = jnp.maximum(src_first, 0)
+  take = lambda x: jnp.take_along_axis(x, at, axis=1)
+  src = jnp.clip(src_first + idx - first, 0, l - 1)
+  ok = ((modality == NOISED_IMAGE) & (image > 0) & (src_first >= 0) & (take(segment) == segment)
+        & (take(last) - src_first == last - first))
+  return src, ok
+
+
 def token_ranges(ids: MaskIds):
   """Per token, inclusive index intervals ([B, L] int32 each) of self-attention over one row:
   (kv_lo, kv_hi): every key token i may see lies in [kv_lo_i, kv_hi_i];
   (q_lo, q_hi):   every query that may see key j lies in [q_lo_j, q_hi_j]."""
   l = ids.segment.shape[1]
   idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), ids.segment.shape)
-  seg_first, seg_last = _run_bounds(ids.segment)
+  seg_first, seg_last = run_bounds(ids.segment)
   in_image = ids.image > 0
   image_key = jnp.where(in_image, ids.segment * MAX_IMAGE + ids.image, -1 - idx)  # text: unique
-  img_first, img_last = _run_bounds(image_key)
+  img_first, img_last = run_bounds(image_key)
   padding = ids.segment == 0
   noised = ids.modality == NOISED_IMAGE
   kv_lo = seg_first

@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from unimm.errors import UserError
 from unimm.kernels import attention as kernels
-from unimm.kernels.mask import MaskIds, attention_mask  # noqa: F401 (the mask's API, used by models)
+from unimm.kernels.mask import MaskIds, aligned_source, attention_mask  # noqa: F401 (the mask's API, used by models)
 from unimm.parallel.sharding import constrain
 
 

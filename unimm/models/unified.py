@@ -25,8 +25,8 @@ from unimm.batch import TEXT
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import image_tokenizer
 from unimm.kernels.attention import IMPLS as ATTENTION_IMPLS
-from unimm.models.layers import (Block, MaskIds, RMSNorm, check_remat, param, run_blocks,
-                                 timestep_embedding)
+from unimm.models.layers import (Block, MaskIds, RMSNorm, aligned_source, check_remat, param,
+                                 run_blocks, timestep_embedding)
 from unimm.parallel.sharding import constrain
 
 T_FREQ_DIM = 256
@@ -70,16 +70,25 @@ class UnifiedTransformer(nnx.Module):
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w)))
     self.flow_head = param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True) if flow else None
+    # editing: a noised target patch also embeds the clean patch at its place in the document's
+    # last condition image (InstructPix2Pix's channel concatenation, as a sum; zero at init)
+    self.source_in = (param(rngs, (patch_dim, w), ("patch", "embed"), zeros=True)
+                      if flow and patch_dim and cfg.source_patches else None)
 
-  def embed_inputs(self, tokens, patches, t, modality, patch_index):
+  def embed_inputs(self, tokens, patches, t, modality, patch_index, segment_ids=None, image_ids=None):
     """Text ids -> the token table; image codes (vq) -> the token table plus their patch
-    position; pixel or latent patches -> patch projection + position + modality + time."""
+    position; pixel or latent patches -> patch projection + position + modality + time (+ the
+    aligned source patch of an edit target, model.source_patches)."""
     dtype = self.embed.value.dtype
     text = jnp.take(self.embed.value, tokens, axis=0)
     pos = jnp.take(self.patch_pos.value, patch_index, axis=0)
     img = pos + jnp.take(self.modality_embed.value, modality, axis=0)
     if self.patch_in is not None:
       img = img + patches.astype(dtype) @ self.patch_in.value
+    if self.source_in is not None:
+      src, ok = aligned_source(segment_ids, modality, image_ids)
+      source = jnp.take_along_axis(patches, src[..., None], axis=1).astype(dtype)
+      img = img + jnp.where(ok[..., None], source @ self.source_in.value, 0.0)
     if self.flow_head is not None:
       temb = timestep_embedding(t, T_FREQ_DIM).astype(dtype)
       img = img + jax.nn.silu(temb @ self.t_in.value) @ self.t_out.value
@@ -100,12 +109,16 @@ class UnifiedTransformer(nnx.Module):
     return jnp.where(pixels[..., None], h, x)
 
   def hidden(self, tokens, patches, t, modality, image_ids, patch_index, segment_ids, positions,
-             cache=None, cache_index=None):
+             cache=None, cache_index=None, replace=None, embeds=None):
     """The final-normed residual stream [B, L, W] (compute dtype) and the new cache (or None).
+    replace [B, L] bool, embeds [B, L, W]: input embeddings taking the place of those positions'
+    own (MetaQuery's learnable queries in a frozen LLM's input).
     Routed blocks' statistics are sown as nnx.Intermediate "router" (one row per routed
     feed-forward; `losses.add_router_losses` pops them)."""
     ids = MaskIds(segment_ids, modality, image_ids, positions)
-    x = self.embed_inputs(tokens, patches, t, modality, patch_index)
+    x = self.embed_inputs(tokens, patches, t, modality, patch_index, segment_ids, image_ids)
+    if replace is not None:
+      x = jnp.where(replace[..., None], embeds.astype(x.dtype), x)
     if len(self.vit):
       x = self.encode_pixels(x, ids, modality, tokens, patch_index)
     rope_pos = self.rope_positions(positions, modality, patch_index)

@@ -3,8 +3,13 @@
 t = 1 is noise: x_t = (1 - t) x0 + t eps, velocity target v = eps - x0, and the
 Euler sampler runs t from 1 to 0 with x <- x + (t_next - t) v.
 Training t is logit-normal, shifted toward noise for larger images:
-t' = a t / (1 + (a - 1) t) with a = shift * sqrt(pixels / base pixels).
+t' = a t / (1 + (a - 1) t), with flow.shift_kind
+  "constant" (SD3)  a = shift * sqrt(pixels / base pixels)
+  "flux"            a = e^mu, mu linear in the image's token count: base_shift at 256 tokens,
+                    max_shift at 4096 (FLUX's e^mu / (e^mu + 1/t - 1) is the same map)
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +17,14 @@ import jax.numpy as jnp
 from unimm.batch import NOISED_IMAGE
 
 
-def resolution_shift(flow_cfg, image_size):
+def resolution_shift(flow_cfg, image_size, tokens=None):
+  """The shift a for images of image_size pixels a side (tokens: their token count, for
+  shift_kind "flux")."""
+  if getattr(flow_cfg, "shift_kind", "constant") == "flux":
+    if tokens is None:
+      raise ValueError("the flux shift needs the image's token count")
+    mu = flow_cfg.base_shift + (flow_cfg.max_shift - flow_cfg.base_shift) * (tokens - 256) / (4096 - 256)
+    return math.exp(mu)
   return flow_cfg.shift * (image_size / flow_cfg.base_image_size)
 
 
@@ -20,14 +32,14 @@ def shift_time(t, alpha):
   return alpha * t / (1.0 + (alpha - 1.0) * t)
 
 
-def sample_time(rng, shape, flow_cfg, image_size):
+def sample_time(rng, shape, flow_cfg, image_size, tokens=None):
   u = flow_cfg.t_mean + flow_cfg.t_std * jax.random.normal(rng, shape)
-  return shift_time(jax.nn.sigmoid(u), resolution_shift(flow_cfg, image_size))
+  return shift_time(jax.nn.sigmoid(u), resolution_shift(flow_cfg, image_size, tokens))
 
 
-def per_image_time(rng, segment_ids, image_ids, modality, flow_cfg, image_size):
+def per_image_time(rng, segment_ids, image_ids, modality, flow_cfg, image_size, tokens=None):
   """One t per noised image instance, broadcast over its tokens; 0 elsewhere."""
-  t_tok = sample_time(rng, segment_ids.shape, flow_cfg, image_size)
+  t_tok = sample_time(rng, segment_ids.shape, flow_cfg, image_size, tokens)
   return per_image_value(t_tok, segment_ids, image_ids, modality)
 
 

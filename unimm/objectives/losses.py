@@ -156,7 +156,7 @@ def flow_matching_loss(model, batch, rng, cfg):
   rng_t, rng_eps = jax.random.split(rng)
   noised = batch["modality"] == NOISED_IMAGE
   t = flow.per_image_time(rng_t, batch["segment_ids"], batch["image_ids"], batch["modality"],
-                          cfg.flow, cfg.data.image_size)
+                          cfg.flow, cfg.data.image_size, tokens=model.patch_pos.value.shape[0])
   x0 = batch["patches"].astype(jnp.float32)
   eps = jax.random.normal(rng_eps, x0.shape, jnp.float32)
   x_t = jnp.where(noised[..., None], flow.add_noise(x0, eps, t), x0)
@@ -169,3 +169,25 @@ def flow_matching_loss(model, batch, rng, cfg):
   metrics = {"loss": loss, "ce": ce, "flow": fm, "text_tokens": n_text, "image_tokens": n_img,
              "token_accuracy": n_correct / jnp.maximum(n_text, 1.0)}
   return loss, metrics
+
+
+def mmdit_loss(model, batch, rng, cfg):
+  """Flow matching of the MMDiT (`unimm.models.conditioning.DiffusionModel`) on the first target
+  image of each row (one document per row): t per row (logit-normal, shifted by flow.shift_kind),
+  x_t = (1 - t) x0 + t eps, loss |v - (eps - x0)|^2 averaged over the target tokens.
+  mmdit_refs / mmdit_unaligned count reference images used and edit targets whose source had
+  another size (Kontext / concat inputs are never misaligned: such a source is left out)."""
+  rng_t, rng_eps = jax.random.split(rng)
+  idx, ok = model.target_tokens(batch)
+  x0 = jnp.take_along_axis(batch["patches"], idx[..., None], axis=1).astype(jnp.float32)
+  b = x0.shape[0]
+  t = flow.sample_time(rng_t, (b,), cfg.flow, cfg.data.image_size, tokens=model.tokens)
+  eps = jax.random.normal(rng_eps, x0.shape, jnp.float32)
+  x_t = flow.add_noise(x0, eps, t[:, None])
+  pred = model(batch, x_t, t)
+  v_pred = flow.velocity(pred, x_t, jnp.broadcast_to(t[:, None], ok.shape), cfg.model.prediction,
+                         cfg.flow.t_min)
+  fm, n_img = flow_loss(v_pred, eps - x0, ok.astype(jnp.float32))
+  metrics = {"loss": fm, "flow": fm, "image_tokens": n_img}
+  metrics.update(model.edit_counts(batch))
+  return fm, metrics

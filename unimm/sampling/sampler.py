@@ -106,29 +106,37 @@ class Sampler:
     out = out[rows, idx]
     return flow.velocity(out, x, jnp.full(x.shape[:2], t), self.cfg.model.prediction, self.cfg.flow.t_min)
 
-  def _generate(self, cond_docs, uncond_docs, seed):
+  def _generate(self, cond_docs, uncond_docs, seed, null_docs=None):
+    """Images by the Euler ODE with classifier-free guidance; with `null_docs` (edits: neither
+    the source image nor the text) and sample.image_cfg_scale != 1, InstructPix2Pix's two-scale
+    guidance v = v_nn + s_I (v_In - v_nn) + s_T (v_IT - v_In)."""
     if getattr(self.patcher, "discrete", False):
       if self.patcher.causal:
         return self._generate_next_token(cond_docs, uncond_docs, seed)
       return self._generate_masked(cond_docs, uncond_docs, seed)
-    enc_c = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in cond_docs]
-    enc_u = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in uncond_docs]
-    Lc = _round_up(max(len(e["tokens"]) for e in enc_c))
-    Lu = _round_up(max(len(e["tokens"]) for e in enc_u))
-    bc, bu = _stack(enc_c, Lc, False), _stack(enc_u, Lu, False)
+    s = self.cfg.sample
+    image_scale = float(getattr(s, "image_cfg_scale", 1.0))
+    sets = [cond_docs] + ([uncond_docs] if s.cfg_scale != 1.0 or image_scale != 1.0 else [])
+    if null_docs is not None and image_scale != 1.0:
+      sets.append(null_docs)
     noised_idx = lambda b: np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
-    ic, iu = noised_idx(bc), noised_idx(bu)
-    # on the device once; every Euler step only swaps in the current x
-    bc, bu = self._device(bc), self._device(bu)
+    batches = []
+    for docs in sets:  # on the device once; every Euler step only swaps in the current x
+      enc = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in docs]
+      b = _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), False)
+      batches.append((self._device(b), noised_idx(b)))
     n, N, Dp = len(cond_docs), self.patcher.num_patches, self.patcher.patch_dim
     x = jax.random.normal(jax.random.key(seed), (n, N, Dp), jnp.float32)
-    s = self.cfg.sample
-    ts = np.asarray(flow.euler_schedule(s.steps, flow.resolution_shift(self.cfg.flow, self.cfg.data.image_size)))
+    shift = flow.resolution_shift(self.cfg.flow, self.cfg.data.image_size, self.patcher.num_patches)
+    ts = np.asarray(flow.euler_schedule(s.steps, shift))
     for t, t_next in zip(ts[:-1], ts[1:]):
-      v = self._velocity(bc, x, ic, float(t))
-      if s.cfg_scale != 1.0:
-        v_u = self._velocity(bu, x, iu, float(t))
-        v = v_u + s.cfg_scale * (v - v_u)
+      v = [self._velocity(b, x, idx, float(t)) for b, idx in batches]
+      if len(v) == 3:
+        v = v[2] + image_scale * (v[1] - v[2]) + s.cfg_scale * (v[0] - v[1])
+      elif len(v) == 2:
+        v = v[1] + s.cfg_scale * (v[0] - v[1])
+      else:
+        v = v[0]
       x = x + (t_next - t) * v
     return np.asarray(self.patcher.decode(np.asarray(x)))
 
@@ -249,7 +257,8 @@ class Sampler:
             for im, s in zip(images, instructions)]
     uncond = [D.document("edit", [D.image(im, "condition"), D.image(self._blank(), "target")])
               for im in images]
-    return self._generate(cond, uncond, seed)
+    null = [D.document("edit", [D.image(self._blank(), "target")]) for _ in images]
+    return self._generate(cond, uncond, seed, null)
 
   # ---------------------------------------------------------------- text
 

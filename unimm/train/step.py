@@ -19,8 +19,8 @@ from flax import nnx
 from unimm.batch import BATCH_DTYPES, BATCH_KEYS, BATCH_NDIM
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import encode_images, frozen_variables, image_tokenizer
-from unimm.models.unified import build_model
-from unimm.objectives.losses import unified_loss
+from unimm.models.unified import build_model as build_unified
+from unimm.objectives.losses import mmdit_loss, unified_loss
 from unimm.parallel import sharding as shd
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -49,6 +49,27 @@ def make_optimizer(optim, steps, frozen=None):
     zero = optax.masked(optax.set_to_zero(), frozen)
     tx = optax.chain(zero, tx, zero)
   return tx, schedule
+
+
+FAMILIES = ("unified", "mmdit")
+
+
+def build_model(cfg, vocab_size, seed=None):
+  """(model, image tokenizer) of model.family: the unified transformer, or the MMDiT with its
+  conditioner (`unimm.models.conditioning.DiffusionModel`)."""
+  family = getattr(cfg.model, "family", "unified")
+  if family not in FAMILIES:
+    raise UserError(f"model.family='{family}' is unknown: use one of {', '.join(FAMILIES)}")
+  if family == "unified":
+    return build_unified(cfg, vocab_size=vocab_size, seed=seed)
+  from unimm.models.conditioning import DiffusionModel  # pylint: disable=import-outside-toplevel
+  if int(cfg.data.docs_per_row) != 1:
+    raise UserError(f"model.family='mmdit' trains one document per row: set data.docs_per_row=1 "
+                    f"(it is {cfg.data.docs_per_row})")
+  patcher = image_tokenizer(cfg, vocab_size)
+  model = DiffusionModel(cfg, vocab_size=cfg.model.vocab_size or vocab_size, patcher=patcher,
+                         rngs=nnx.Rngs(cfg.seed if seed is None else seed))
+  return model, patcher
 
 
 TEXT_MODEL = ("embed", "lm_head", "final_norm", "blocks")
@@ -85,8 +106,12 @@ class Trainer:
     self.image_tokenizer = image_tokenizer(cfg, vocab_size)  # (loaded outside eval_shape)
     abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size=vocab_size)[0])
     self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    self.tx, self.schedule = make_optimizer(
-        cfg.optim, cfg.train.steps, frozen=text_expert if cfg.model.mot.freeze_text else None)
+    self.mmdit = getattr(cfg.model, "family", "unified") == "mmdit"
+    frozen = text_expert if cfg.model.mot.freeze_text else None
+    if self.mmdit and hasattr(abstract, "llm"):
+      from unimm.models.conditioning import frozen_params  # pylint: disable=import-outside-toplevel
+      frozen = frozen_params
+    self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps, frozen=frozen)
     self.param_shardings = shd.state_shardings(abstract_params, mesh, self.rules)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     rep = shd.replicated(mesh)
@@ -125,6 +150,17 @@ class Trainer:
                        out_shardings=self.state_shardings)
     return init_opt(params)
 
+  def with_llm(self, state):
+    """A fresh state whose frozen LLM (MMDiT conditioning, model.condition.llm) holds the
+    weights of that workdir's latest checkpoint; the optimizer state as initialised."""
+    from unimm.models.conditioning import load_llm  # pylint: disable=import-outside-toplevel
+    params = load_llm(jax.device_get(state["params"]), self.cfg)
+    params = jax.device_put(params, self.param_shardings)
+    init_opt = jax.jit(lambda p: {"params": p, "opt_state": self.tx.init(p),
+                                  "step": jnp.zeros((), jnp.int32)},
+                       out_shardings=self.state_shardings)
+    return init_opt(params)
+
   def _init(self):
     model, _ = build_model(self.cfg, vocab_size=self.vocab_size)
     params = nnx.state(model, nnx.Param)
@@ -136,7 +172,8 @@ class Trainer:
 
   def _loss(self, params, batch, rng):
     with shd.use_mesh_rules(self.mesh, self.rules):
-      return unified_loss(self.model(params), batch, rng, self.cfg)
+      loss = mmdit_loss if self.mmdit else unified_loss
+      return loss(self.model(params), batch, rng, self.cfg)
 
   def _loss_and_grads(self, params, batch, rng):
     (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, rng)

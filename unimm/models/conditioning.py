@@ -1,0 +1,297 @@
+"""The model the train step runs for model.family="mmdit": a conditioner and the MMDiT
+(`unimm.models.mmdit`), on the batch contract (`unimm.batch`) with one document per row
+(data.docs_per_row=1: each row is one training example, as diffusers trains).
+
+From each row the model takes two streams, by position:
+
+  image stream  the first target image's N tokens (x_t; the loss is on them alone), then with
+                model.mmdit.edit="kontext" up to model.mmdit.references condition images of
+                the same size (clean, RoPE frame 1, 2, ...: FLUX.1 Kontext, OmniGen-style
+                subject references); with "concat" the source patches aligned with the target
+                (`aligned_source`) are concatenated to its channels (InstructPix2Pix)
+  text stream   what model.condition.encoder makes of the document:
+     "text"       a small trainable bidirectional text encoder over its text positions
+     "llm"        the final hidden states of a frozen LLM at its text positions; the LLM reads
+                  the whole document, an edit's source image included (Qwen-Image)
+     "metaquery"  N learnable queries in place of the target image's tokens in the frozen
+                  LLM's input; their last hidden states through a trainable connector (MetaQuery)
+
+The frozen LLM (model.condition.llm: a unimm training workdir of the unified model) is part of
+the parameters, loaded from its checkpoint at the start of training; its parameters get no
+gradient (stop_gradient) and no update (`frozen_params`), so it keeps its understanding.
+Classifier-free guidance is trained by the data pipeline's condition dropout (data.cfg_dropout,
+data.image_dropout).
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unimm.batch import CLEAN_IMAGE, NOISED_IMAGE, TEXT
+from unimm.errors import UserError
+from unimm.kernels.mask import MAX_IMAGE, run_bounds
+from unimm.models.layers import Block, MaskIds, RMSNorm, aligned_source, param, run_blocks
+from unimm.parallel.sharding import constrain
+
+ENCODERS = ("text", "llm", "metaquery")
+EDITS = ("kontext", "concat", "none")
+
+
+def first_positions(mask, n):
+  """The first n positions where mask [B, L] holds, in order: (index [B, n] int32, valid
+  [B, n] bool); rows with fewer fill the rest with invalid indices."""
+  length = mask.shape[1]
+  idx = jnp.arange(length, dtype=jnp.int32)
+  order = jnp.argsort(jnp.where(mask, idx, length + idx), axis=1)[:, :n].astype(jnp.int32)
+  return order, jnp.take_along_axis(mask, order, axis=1)
+
+
+def gather(x, idx):
+  """x [B, L, ...] at idx [B, n] -> [B, n, ...]."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def bidirectional_ids(mask):
+  """Mask ids under which every valid token (mask [B, L]) sees every other and no padding."""
+  valid = mask.astype(jnp.int32)
+  return MaskIds(valid, valid * CLEAN_IMAGE, valid, jnp.zeros_like(valid))
+
+
+def _block_cfg(model_cfg, width, depth):
+  """A dense, single-expert block config of `width` (the text encoder's and connector's)."""
+  c = model_cfg.copy_and_resolve_references()
+  c.update(width=width, depth=depth, mlp_dim=4 * width, kv_heads=0)
+  c.moe.experts, c.mot.route = 0, (0,)
+  return c
+
+
+class Encoder(nnx.Module):
+  """Bidirectional blocks over one stream of features (the text encoder, the connector)."""
+
+  def __init__(self, model_cfg, width, depth, *, rngs):
+    cfg = _block_cfg(model_cfg, width, depth)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs, modality_experts=False) for _ in range(depth)])
+    self.norm = RMSNorm(width, rngs=rngs, eps=model_cfg.norm_eps)
+    self.scan, self.remat = bool(model_cfg.scan), model_cfg.remat
+
+  def __call__(self, x, mask):
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), mask.shape)
+    x, _, _ = run_blocks(self.blocks, x, bidirectional_ids(mask), positions, scan=self.scan,
+                         remat=self.remat)
+    return self.norm(x)
+
+
+class TextEncoder(nnx.Module):
+  """A small trainable text encoder: a token table and bidirectional blocks."""
+
+  def __init__(self, model_cfg, vocab_size, *, rngs):
+    w = model_cfg.width
+    self.embed = param(rngs, (vocab_size, w), ("vocab", "embed"), 1.0)
+    self.encoder = Encoder(model_cfg, w, model_cfg.condition.depth, rngs=rngs)
+
+  def __call__(self, tokens, mask):
+    x = constrain(jnp.take(self.embed.value, tokens, axis=0), ("batch", "length", "act_embed"))
+    return self.encoder(x, mask)
+
+
+def llm_config(path):
+  """The full config of the unified model in training workdir `path` (its config.json)."""
+  from unimm.config import from_saved  # pylint: disable=import-outside-toplevel
+  if not path:
+    raise UserError("model.condition.encoder needs model.condition.llm: the workdir of a trained "
+                    "unified model (python -m unimm.train ... --workdir DIR)")
+  file = os.path.join(path, "config.json")
+  if not os.path.exists(file):
+    raise UserError(f"model.condition.llm={path}: no config.json there; give the workdir of a "
+                    "trained unified model")
+  with open(file) as f:
+    saved = json.load(f)
+  cfg = from_saved(saved)
+  if cfg.model.family != "unified":
+    raise UserError(f"model.condition.llm={path} holds a {cfg.model.family} model, not a unified one")
+  return cfg
+
+
+class DiffusionModel(nnx.Module):
+  """Conditioner + MMDiT over one document per row (see the module docstring)."""
+
+  def __init__(self, cfg, *, vocab_size, patcher, rngs):
+    from unimm.models.mmdit import MMDiT  # pylint: disable=import-outside-toplevel
+    m = cfg.model
+    self.encoder_kind, self.edit = m.condition.encoder, m.mmdit.edit
+    if self.encoder_kind not in ENCODERS:
+      raise UserError(f"model.condition.encoder='{self.encoder_kind}' is unknown: use one of "
+                      f"{', '.join(ENCODERS)}")
+    if self.edit not in EDITS:
+      raise UserError(f"model.mmdit.edit='{self.edit}' is unknown: use one of {', '.join(EDITS)}")
+    if patcher.max_rows != patcher.grid or patcher.max_cols != patcher.grid:
+      raise UserError("the MMDiT trains on square images: set data.max_aspect=1")
+    self.grid, self.max_cols = int(patcher.grid), int(patcher.max_cols)
+    self.tokens = int(patcher.num_patches)  # N: the target image's tokens
+    self.references = int(m.mmdit.references) if self.edit == "kontext" else 0
+    self.prediction, self.t_min = m.prediction, float(cfg.flow.t_min)
+    w = m.width
+    mcfg = m.copy_and_resolve_references()
+    context = w
+    if self.encoder_kind == "text":
+      self.text_encoder = TextEncoder(m, vocab_size, rngs=rngs)
+    else:
+      llm_cfg = llm_config(m.condition.llm)
+      if llm_cfg.data.tokenizer != cfg.data.tokenizer:
+        raise UserError(f"data.tokenizer='{cfg.data.tokenizer}' differs from the LLM's "
+                        f"'{llm_cfg.data.tokenizer}' ({m.condition.llm}): use the LLM's tokenizer")
+      from unimm.models.unified import build_model  # pylint: disable=import-outside-toplevel
+      self.llm = build_model(llm_cfg, vocab_size=vocab_size)[0]
+      if self.llm.patch_dim != patcher.patch_dim:
+        raise UserError(f"the LLM in {m.condition.llm} reads images of {self.llm.patch_dim}-wide "
+                        f"patches, this config {patcher.patch_dim}: use its image tokenizer, "
+                        "data.image_size and model.patch_size")
+      llm_w = self.llm.width
+      context = llm_w
+      if self.encoder_kind == "metaquery":
+        self.queries = param(rngs, (patcher.num_positions, llm_w), ("positions", "embed"), 1.0)
+        self.connector_in = param(rngs, (llm_w, w), ("embed", None), 1.0 / math.sqrt(llm_w))
+        self.connector = Encoder(m, w, m.condition.depth, rngs=rngs)
+        context = w
+    pooled = int(m.mmdit.pooled_dim)
+    if pooled and pooled != context:
+      raise UserError(f"model.mmdit.pooled_dim={pooled}: the pooled text here is the mean of the "
+                      f"{context}-wide conditioning features; set it to {context} or 0")
+    self.pooled = bool(pooled)
+    if not m.mmdit.context_dim:
+      mcfg.mmdit.context_dim = context
+    elif m.mmdit.context_dim != context:
+      raise UserError(f"model.mmdit.context_dim={m.mmdit.context_dim}, but the "
+                      f"{self.encoder_kind} conditioning is {context} wide: set it to {context} or 0")
+    if self.edit == "concat" and not m.mmdit.in_channels:
+      mcfg.mmdit.in_channels = 2 * patcher.patch_dim
+    self.guidance = bool(m.mmdit.guidance_embed)
+    self.mmdit = MMDiT(mcfg, patch_dim=patcher.patch_dim, rngs=rngs)
+
+  # ------------------------------------------------------------------ streams
+
+  def target_tokens(self, batch):
+    """The first target image's token positions: (index [B, N], valid [B, N])."""
+    return first_positions(batch["modality"] == NOISED_IMAGE, self.tokens)
+
+  def _reference_tokens(self, batch):
+    """Kontext: the positions of up to `references` condition images of N tokens each."""
+    image, seg = batch["image_ids"], batch["segment_ids"]
+    clean = (batch["modality"] == CLEAN_IMAGE) & (image > 0) & (seg > 0)
+    first, last = run_bounds(jnp.where(clean, seg * MAX_IMAGE + image, -1 - jnp.arange(image.shape[1])))
+    return first_positions(clean & (last - first + 1 == self.tokens), self.references * self.tokens)
+
+  def edit_counts(self, batch):
+    """Metrics: rows whose target has a condition image before it (edits), and of those the
+    rows whose source image has another size than the target (never used misaligned)."""
+    idx, ok = self.target_tokens(batch)
+    _, has = aligned_source(batch["segment_ids"], batch["modality"], batch["image_ids"])
+    clean = (batch["modality"] == CLEAN_IMAGE) & (batch["image_ids"] > 0)
+    first = idx[:, 0]
+    before = jnp.any(clean & (jnp.arange(clean.shape[1]) < first[:, None]), axis=1) & ok[:, 0]
+    aligned = jnp.take_along_axis(has, first[:, None], axis=1)[:, 0]
+    return {"edit_rows": jnp.sum(before), "edit_unaligned": jnp.sum(before & ~aligned)}
+
+  def _llm(self):
+    """The frozen LLM, its parameters behind stop_gradient (no gradient is computed for them)."""
+    graphdef, state = nnx.split(self.llm)
+    return nnx.merge(graphdef, jax.lax.stop_gradient(state))
+
+  def condition(self, batch, target_idx, target_ok):
+    """(features [B, Lt, C], mask [B, Lt]) of the text stream."""
+    tokens, modality = batch["tokens"], batch["modality"]
+    text = (modality == TEXT) & (batch["segment_ids"] > 0)
+    if self.encoder_kind == "text":
+      idx, ok = first_positions(text, tokens.shape[1] - self.tokens)
+      return self.text_encoder(gather(tokens, idx), ok), ok
+    target = modality == NOISED_IMAGE
+    patches = jnp.where(target[..., None], 0.0, batch["patches"])  # the LLM never sees a target
+    replace = embeds = None
+    if self.encoder_kind == "metaquery":
+      replace = target
+      embeds = jnp.take(self.queries.value, batch["patch_index"], axis=0)
+    h, _ = self._llm().hidden(tokens, patches, jnp.zeros(tokens.shape, jnp.float32), modality,
+                              batch["image_ids"], batch["patch_index"], batch["segment_ids"],
+                              batch["positions"], replace=replace, embeds=embeds)
+    if self.encoder_kind == "llm":
+      idx, ok = first_positions(text, tokens.shape[1] - self.tokens)
+      return jax.lax.stop_gradient(gather(h, idx)), ok
+    q = gather(h, target_idx).astype(self.connector_in.value.dtype) @ self.connector_in.value
+    return self.connector(q, target_ok), target_ok
+
+  def __call__(self, batch, x_t, t, guidance=None):
+    """The model's prediction (model.prediction: velocity or x0) for the target tokens:
+    x_t [B, N, D] the noised target, t [B] -> [B, N, D] float32."""
+    idx, ok = self.target_tokens(batch)
+    txt, txt_mask = self.condition(batch, idx, ok)
+    dtype = txt.dtype
+    img, img_mask = x_t.astype(dtype), ok
+    frames = [0]
+    if self.edit == "concat":
+      src, has = aligned_source(batch["segment_ids"], batch["modality"], batch["image_ids"])
+      source = jnp.where(has[..., None], gather(batch["patches"], src), 0.0)
+      img = jnp.concatenate([img, gather(source, idx).astype(dtype)], axis=-1)
+    if self.references:
+      ref, ref_ok = self._reference_tokens(batch)
+      img = jnp.concatenate([img, gather(batch["patches"], ref).astype(dtype)], axis=1)
+      img_mask = jnp.concatenate([img_mask, ref_ok], axis=1)
+      frames += list(range(1, self.references + 1))
+    g = self.grid
+    img_ids = np.concatenate([self.mmdit.image_ids(g, g, frame=f) for f in frames])
+    txt_ids = self.mmdit.text_ids(txt.shape[1], g, g)
+    b = x_t.shape[0]
+    pooled = None
+    if self.pooled:
+      m = txt_mask[..., None].astype(jnp.float32)
+      pooled = (jnp.sum(txt.astype(jnp.float32) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)).astype(dtype)
+    if self.guidance and guidance is None:
+      guidance = jnp.ones((b,), jnp.float32)
+    out = self.mmdit(img, txt, t, jnp.broadcast_to(jnp.asarray(img_ids), (b,) + img_ids.shape),
+                     jnp.broadcast_to(jnp.asarray(txt_ids), (b,) + txt_ids.shape), img_mask, txt_mask,
+                     pooled=pooled, guidance=guidance if self.guidance else None)
+    return out[:, :self.tokens].astype(jnp.float32)
+
+
+def frozen_params(params):
+  """True for the frozen LLM's parameters (no update; the optimizer masks them)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: str(getattr(path[0], "key", path[0])) == "llm", params)
+
+
+def load_llm(params, cfg):
+  """params (a host pytree of the DiffusionModel's parameters) with the frozen LLM's replaced by
+  those of the latest checkpoint in model.condition.llm (restored on one device)."""
+  # pylint: disable=import-outside-toplevel
+  from unimm.data.tokenizer import load_tokenizer
+  from unimm.parallel.sharding import make_mesh
+  from unimm.train.checkpoint import Checkpointer, _shapes
+  from unimm.train.step import Trainer
+  path = cfg.model.condition.llm
+  llm_cfg = llm_config(path)
+  llm_cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+  ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1)
+  step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f"model.condition.llm={path}: no checkpoint in {path}/checkpoints")
+  trainer = Trainer(llm_cfg, make_mesh(llm_cfg.mesh, jax.devices()[:1]),
+                    load_tokenizer(llm_cfg.data.tokenizer).model_vocab_size())
+  restored = jax.device_get(ckpt.restore(step, trainer.abstract_state)["params"])
+  ckpt.close()
+  found = dict(zip(_shapes(restored), jax.tree.leaves(restored)))
+  ours = params["llm"]
+  names, (leaves, treedef) = list(_shapes(ours)), jax.tree.flatten(ours)
+  out = []
+  for name, leaf in zip(names, leaves):
+    if name not in found:
+      raise UserError(f"{path}: its checkpoint has no parameter {name}")
+    if tuple(found[name].shape) != tuple(leaf.shape):
+      raise UserError(f"{path}: parameter {name} is {tuple(found[name].shape)} there and "
+                      f"{tuple(leaf.shape)} here")
+    out.append(np.asarray(found[name], leaf.dtype))
+  params["llm"] = jax.tree.unflatten(treedef, out)
+  return params
