@@ -1,5 +1,6 @@
 """python -m unimm.bench: the train step timed on tiny shapes, its FLOP count against XLA's,
-the allowed-pair count, the transformers peers, the attention mode and the tables."""
+the allowed-pair count, the transformers peers, the attention mode and the tables; the MMDiT
+(mmdit_2b, tiny): its synthetic rows, its FLOP count and its diffusers FLUX peer."""
 
 import importlib.util
 import json
@@ -151,3 +152,102 @@ def test_bad_flags_fail_in_one_line():
     bench.main(["--config", "configs/bench/dense_1b.py", "--steps", "0"])
   with pytest.raises(UserError, match="--config FILE is required"):
     bench.main([])
+
+
+# ---------------------------------------------------------------- the MMDiT
+
+# mmdit_2b at 2 heads of 128 (its RoPE axes), one double and one single block, 16-px images
+# in 4-px patches (N = 16 tokens of 48 values), 48 text positions; XLA attention, no scan /
+# remat, float32: the compiled step computes what the FLOP check counts.
+MMDIT_TINY = ["--config.model.width=256", "--config.model.heads=2", "--config.model.depth=1",
+              "--config.model.mmdit.single_depth=1", "--config.model.mmdit.pooled_dim=256",
+              "--config.data.image_size=16", "--config.model.patch_size=4",
+              "--config.data.seq_len=64", "--config.data.batch_size=8",
+              "--config.model.dtype=float32", "--config.model.attention=xla",
+              "--config.model.scan=false", "--config.model.remat=none", "--devices", "1"]
+MB, ML, MN, MH, MDH, MBLOCKS = 8, 64, 16, 2, 128, 2
+FLUX = TORCH and importlib.util.find_spec("diffusers") is not None
+
+
+@pytest.fixture(scope="module")
+def mmdit_run():
+  """mmdit_2b (tiny) timed on its synthetic rows, with the diffusers FLUX peer when torch and
+  diffusers are there: the records."""
+  return bench.main(["--config", "configs/bench/mmdit_2b.py", *MMDIT_TINY, "--warmup", "0",
+                     "--steps", "1"] + (["--peers"] if FLUX else []))
+
+
+def test_mmdit_synthetic_rows_fill_both_streams():
+  """<bos>, L - N - 4 ids, <boi>, N noised patches, <eoi>, <eos>: the batch contract, and the
+  text stream (the first L - N text positions) holds all L - N of them."""
+  from unimm.config import parse_args
+  from unimm.data.pipeline import validate_batch
+  from unimm.data.tokenizer import load_tokenizer
+  from unimm.image_grid import image_grid
+  cfg, _ = parse_args(["--config", "configs/bench/mmdit_2b.py", *MMDIT_TINY[:-2]])
+  tok = load_tokenizer("byte")
+  grid = image_grid(cfg, tok.model_vocab_size())
+  batch = bench.synthetic_mmdit_batch(cfg, tok, grid)
+  validate_batch(batch, seq_len=ML, patch_dim=grid.patch_dim, batch_size=MB)
+  text, image = bench.mmdit_stream_tokens(cfg, batch, grid.num_patches)
+  assert list(text) == [ML - MN] * MB and list(image) == [MN] * MB
+  row = batch["tokens"][0]
+  assert (row[0], row[ML - MN - 3], row[-2], row[-1]) == (tok.bos_id, tok.boi_id, tok.eoi_id,
+                                                          tok.eos_id)
+  assert not set(row[1:ML - MN - 3].tolist()) & tok.special_ids
+  assert list(batch["patch_index"][0, ML - MN - 2:ML - 2]) == list(range(MN))
+
+
+def mmdit_formula(m, b=MB, lt=ML - MN, li=MN):
+  """6 (image Li + text Lt + joint (Lt + Li) + row) + 12 (Lt + Li)^2 H Dh blocks, per row."""
+  return b * (6 * (m["image"] * li + m["text"] * lt + m["joint"] * (lt + li) + m["row"])
+              + 12 * (lt + li) ** 2 * MH * MDH * MBLOCKS)
+
+
+def test_mmdit_line_and_flops_against_xla(mmdit_run):
+  """The record of the MMDiT's step, its useful FLOPs by the formula, and XLA's count of the
+  step: the rest of it is elementwise work the formula leaves out (LayerNorm and adaLN
+  modulation, GELU, RoPE, QK RMSNorm, gates, softmax over the B H L^2 scores, the flow loss:
+  about 2% here) and AdamW (about 20 FLOPs a parameter: about 1.5%), less the input gradients
+  of img_in and time_in.linear_1 that the formula counts and the step need not compute (their
+  inputs take no gradient: well under 1%); within the dense test's 6%."""
+  line = mmdit_run[-1]
+  assert line["kind"] == "train_step" and line["config"] == "mmdit_2b"
+  assert (line["batch"], line["seq_len"], line["steps"], line["warmup"]) == (MB, ML, 1, 0)
+  assert line["tokens_per_s"] == pytest.approx(MB * ML / line["step_time_s"]["median"], rel=1e-3)
+  assert line["levers"] == {"dtype": "float32", "attention": "xla", "scan": False,
+                            "remat": "none", "ce_chunk": 0, "mu_dtype": "float32",
+                            "moe_impl": None, "capacity_factor": None}
+  assert line["batch_stats"] == {"real_token_share": 1.0, "image_token_share": MN / ML,
+                                 "allowed_pair_share": 1.0}
+  assert np.isfinite(line["loss"]) and line["compile_s"] > 0
+  p = line["params"]
+  assert set(p) == {"total", "active", "matmul_active", "matmul", "conditioner"}
+  assert p["matmul_active"] == sum(p["matmul"].values()) and p["active"] == p["total"]
+  assert p["conditioner"] == 384 * 256 + 256  # the byte tokenizer's table and the text norm
+  assert line["useful_flops_per_step"] == mmdit_formula(p["matmul"])
+  assert line["xla_flops_per_device"] / line["useful_flops_per_step"] == pytest.approx(
+      1.0, abs=0.06)
+
+
+@pytest.mark.skipif(not FLUX, reason="torch and diffusers are test dependencies")
+def test_mmdit_flux_peer(mmdit_run):
+  """diffusers FluxTransformer2DModel of the same shape: our parameters less the conditioner
+  (the peer is given text features), the same matmul weights stream by stream, so the same
+  useful FLOPs."""
+  flux, line = mmdit_run
+  assert (flux["kind"], flux["peer"], flux["precision"], flux["device"]) == (
+      "peer", "diffusers FluxTransformer2DModel", "float32", "cpu")
+  assert flux["attention_backend"].startswith("native")
+  assert (flux["batch"], flux["seq_len"], flux["image_tokens"], flux["text_tokens"]) == (
+      MB, ML, MN, ML - MN)
+  assert set(flux["versions"]) == {"torch", "diffusers"} and np.isfinite(flux["loss"])
+  ours, theirs = line["params"], flux["params"]
+  assert theirs["total"] == ours["total"] - ours["conditioner"]
+  assert theirs["matmul"] == ours["matmul"]
+  assert flux["useful_flops_per_step"] == line["useful_flops_per_step"]
+  assert flux["tokens_per_s"] == pytest.approx(MB * ML / flux["step_time_s"]["median"], rel=1e-3)
+  assert line["peer"] == {"peer": "diffusers FluxTransformer2DModel"}
+  assert line["vs_peer"]["tokens_per_s"] == pytest.approx(
+      line["tokens_per_s"] / flux["tokens_per_s"], rel=1e-2)
+

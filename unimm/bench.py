@@ -11,7 +11,8 @@
 config over the first --devices local devices: init, lower and compile (timed), --warmup
 steps, then --steps steps, each timed to the end of its results. Data (--data, else the
 config's `bench.data`, else synthetic): `synthetic` is random token ids, one full-length text
-document per row (the peers' input); `pipeline` is packed batches of the config's data
+document per row (the peers' input; model.family="mmdit": one text-to-image document per row,
+`synthetic_mmdit_batch`); `pipeline` is packed batches of the config's data
 pipeline, 4 of them read before timing and cycled, so host data time is not measured; both
 (`synthetic,pipeline`) time the one compiled step on each in turn. Prints one JSON line per
 kind of data (also appended to --out):
@@ -29,7 +30,9 @@ kind of data (also appended to --out):
                        memory_analysis(): argument_bytes, output_bytes, temp_bytes, alias_bytes
   levers               dtype, attention, scan, remat, ce_chunk, mu_dtype, moe_impl, capacity_factor
   params               total, active, matmul_active (N below), image_side (what a text-only
-                       peer lacks: patch and time embeddings, flow head, ViT)
+                       peer lacks: patch and time embeddings, flow head, ViT); the MMDiT's:
+                       total, active, matmul_active, matmul {image, text, joint, row} (below),
+                       conditioner (what its diffusers peer lacks: the text encoder)
   batch_stats          real_token_share, image_token_share, allowed_pair_share (of B L^2)
   loss, versions, date
   peer, vs_peer        with --peers: who the peer is (or why there is none, or its error) and
@@ -54,6 +57,25 @@ backward, per pair, head and head dim, in each of the model.depth blocks (a Janu
 attention is not counted). MFU = useful FLOPs / step time / devices / the device's dense
 bf16 peak (`PEAK_FLOPS`). With model.attention="xla" and no remat the step computes every
 pair, and cost_analysis() matches 6 N T + 12 B L^2 H Dh depth (tests/test_train_bench.py).
+
+**The MMDiT's useful FLOPs** (model.family="mmdit", `mmdit_useful_flops`), by the tokens each
+matmul weight multiplies (`mmdit_stream`; the same rule counts the diffusers peer's weights,
+`unimm.bench_peers.flux_counts`):
+
+    6 (N_img Ti + N_txt Tt + N_joint (Ti + Tt) + N_row R)
+      + 12 H Dh ((depth + single_depth) sum_r (Lt_r + Li_r)^2 + condition.depth sum_r Lt_r^2)
+
+Per row r with a target image: Li_r its valid image-stream tokens (the target's N, plus
+Kontext reference images), Lt_r its valid text-stream tokens (its first L - N text positions);
+Ti, Tt their sums, R the rows. N_img: img_in, proj_out and the double blocks' image q/k/v/out
+and MLP; N_txt: txt_in, the double blocks' text q/k/v/out and MLP, the text encoder's blocks
+(its token table is a lookup); N_joint: the single blocks' q/k/v, MLP in, attention and MLP
+out; N_row: what runs once a row on the conditioning vector (every adaLN modulation, the
+final one, the time / guidance / pooled embedders). q/k/v biases, biases and norm scales are
+not counted. Joint attention: every valid token of a row sees every other, in each double and
+single block; the text encoder's blocks attend over the text alone. With model.attention="xla",
+no scan, no remat and full rows (the synthetic batch) cost_analysis() is within a few percent
+of it (elementwise work and AdamW; tests/test_train_bench.py).
 
 **Attention.** `unimm.kernels.attention.attention` forward and forward+backward for each
 kernel the backend has (xla; flash on GPU and TPU, interpreted on CPU only when --impls names
@@ -85,7 +107,7 @@ from unimm.config import parse_args
 from unimm.errors import UserError, cli
 from unimm.kernels import attention as kernels
 from unimm.kernels.mask import MAX_IMAGE, MaskIds
-from unimm.models.unified import build_model, parameter_counts
+from unimm.models.unified import parameter_counts
 
 # Dense bf16 FLOP/s per device, by a lower-case substring of jax's device_kind.
 PEAK_FLOPS = (("h100", 989e12), ("h200", 989e12), ("gh200", 989e12), ("a100", 312e12),
@@ -95,6 +117,7 @@ EMBEDDING_TABLES = ("embed", "patch_pos", "modality_embed")
 IMAGE_SIDE = ("patch_in", "patch_pos", "modality_embed", "t_in", "t_out", "flow_head", "vit")
 PIPELINE_BATCHES = 4
 DATA = ("synthetic", "pipeline")
+MMDIT_STREAMS = ("image", "text", "joint", "row")
 
 
 def peak_flops(device_kind):
@@ -123,17 +146,32 @@ def _now():
 # ------------------------------------------------------------------ counting
 
 
-def parameter_summary(cfg, vocab_size):
-  """{total, active, matmul_active, image_side} of the config's model (built abstractly,
-  blocks unstacked: the counts do not depend on model.scan)."""
+def _abstract_model(cfg, vocab_size):
+  """(the config with model.scan off, its model built abstractly): the counts below do not
+  depend on model.scan, and unstacked blocks name their parameters one block at a time."""
+  from unimm.train.step import build_model  # pylint: disable=import-outside-toplevel
   flat = cfg.copy_and_resolve_references()
   flat.model.scan = False
-  model = nnx.eval_shape(lambda: build_model(flat, vocab_size=vocab_size)[0])
+  return flat, nnx.eval_shape(lambda: build_model(flat, vocab_size=vocab_size)[0])
+
+
+def _params(model):
+  """(path keys as strings, shape) of every parameter of `model`."""
+  return [([str(k) for k in path], p.get_value().shape)
+          for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def parameter_summary(cfg, vocab_size):
+  """The config's parameter counts, by model.family: the unified model's {total, active,
+  matmul_active, image_side}; the MMDiT's {total, active, matmul_active, matmul, conditioner}
+  (`mmdit_parameter_summary`)."""
+  if getattr(cfg.model, "family", "unified") == "mmdit":
+    return mmdit_parameter_summary(cfg, vocab_size)
+  flat, model = _abstract_model(cfg, vocab_size)
   total, active = parameter_counts(model, flat.model)
   moe, tied = flat.model.moe, flat.model.tie_embeddings
   matmul = image = 0
-  for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    keys, shape = [str(k) for k in path], p.get_value().shape
+  for keys, shape in _params(model):
     size = math.prod(shape)
     if keys[0] in IMAGE_SIDE:
       image += size
@@ -144,6 +182,51 @@ def parameter_summary(cfg, vocab_size):
       size = size * moe.top_k // moe.experts
     matmul += size
   return {"total": total, "active": active, "matmul_active": matmul, "image_side": image}
+
+
+def mmdit_stream(keys):
+  """Which tokens a matmul weight of the MMDiT's DiffusionModel (path `keys`) multiplies:
+  "image", "text", "joint" (both: the single-stream blocks) or "row" (the conditioning
+  vector, once a row: modulations, time / guidance / pooled embedders); None: not a matmul
+  weight of the count (the token table: a lookup; biases and norm scales)."""
+  if keys[0] == "text_encoder":
+    return "text" if "blocks" in keys else None  # trainable encoder blocks; the table, norm: none
+  if keys[0] != "mmdit":
+    return None
+  part = keys[1]
+  if part in ("img_in", "proj_out"):
+    return "image"
+  if part in ("txt_in", "txt_norm"):
+    return "text"
+  if part in ("time_in", "guidance_in", "vector_in", "final_mod"):
+    return "row"
+  if part == "double_blocks":
+    return ("row" if keys[3].endswith("_mod") else "image" if keys[3].startswith("img_")
+            else "text")
+  if part == "single_blocks":
+    return "row" if keys[3] == "mod" else "joint"
+  return None
+
+
+def mmdit_parameter_summary(cfg, vocab_size):
+  """{total, active (= total: no routed experts), matmul_active (the sum of `matmul`), matmul:
+  {image, text, joint, row} (matmul weights by the tokens they multiply, `mmdit_stream`: 2-D
+  and larger weights but the q/k/v biases [H, Dh] and the token table), conditioner: what the
+  diffusers peer lacks (it takes precomputed text features): the text encoder's token table,
+  blocks and norm}."""
+  _, model = _abstract_model(cfg, vocab_size)
+  total = conditioner = 0
+  matmul = dict.fromkeys(MMDIT_STREAMS, 0)
+  for keys, shape in _params(model):
+    size = math.prod(shape)
+    total += size
+    if keys[0] != "mmdit":
+      conditioner += size
+    stream = mmdit_stream(keys)
+    if stream and len(shape) >= 2 and keys[-1] not in ("bq", "bk", "bv"):
+      matmul[stream] += size
+  return {"total": total, "active": total, "matmul_active": sum(matmul.values()),
+          "matmul": matmul, "conditioner": conditioner}
 
 
 def _runs(key):
@@ -179,13 +262,56 @@ def useful_flops(matmul_params, tokens, pairs, heads, head_dim, depth):
   return 6 * matmul_params * tokens + 12 * pairs * heads * head_dim * depth
 
 
-def model_flops(cfg, params, batch):
-  """Useful FLOPs of one step on `batch` (numpy, the batch contract)."""
+def mmdit_useful_flops(matmul, image_tokens, text_tokens, rows, pairs, text_pairs, heads,
+                       head_dim, blocks, text_blocks=0):
+  """The MMDiT's useful FLOPs (module docstring): matmul {image, text, joint, row} weights;
+  pairs: sum over rows of (Lt + Li)^2, attended in each of `blocks` (double + single) blocks;
+  text_pairs: sum of Lt^2, attended in each of the text encoder's `text_blocks`."""
+  weights = (matmul["image"] * image_tokens + matmul["text"] * text_tokens
+             + matmul["joint"] * (image_tokens + text_tokens) + matmul["row"] * rows)
+  return 6 * weights + 12 * heads * head_dim * (pairs * blocks + text_pairs * text_blocks)
+
+
+def mmdit_stream_tokens(cfg, batch, num_patches):
+  """Valid tokens of the MMDiT's two streams in each row of `batch` (numpy, the batch
+  contract), as `DiffusionModel` takes them: (text [B], image [B]). Text: the row's first
+  L - N text positions; image: its first target's N tokens (model.mmdit.edit="kontext": and
+  up to model.mmdit.references clean images of N tokens)."""
+  seg, mod, img = (np.asarray(batch[k]) for k in ("segment_ids", "modality", "image_ids"))
+  n, length = int(num_patches), seg.shape[1]
+  text = np.minimum(np.sum((mod == TEXT) & (seg > 0), axis=1), length - n)
+  image = np.minimum(np.sum(mod == NOISED_IMAGE, axis=1), n)
+  m = cfg.model.mmdit
+  if m.edit == "kontext" and m.references:
+    clean = (mod == CLEAN_IMAGE) & (img > 0) & (seg > 0)
+    idx = np.broadcast_to(np.arange(length), seg.shape)
+    first, last = _runs(np.where(clean, seg * MAX_IMAGE + img, -1 - idx))
+    refs = np.sum(clean & (last - first + 1 == n), axis=1)
+    image = image + np.minimum(refs, int(m.references) * n)
+  return text, image
+
+
+def model_flops(cfg, params, batch, num_patches=0):
+  """(useful FLOPs of one step on `batch` (numpy, the batch contract), attended pairs);
+  num_patches: the MMDiT's image tokens N (model.family="mmdit")."""
   m = cfg.model
+  head_dim = m.head_dim or m.width // m.heads
+  if getattr(m, "family", "unified") == "mmdit":
+    if m.condition.encoder != "text":
+      raise UserError(f"model.condition.encoder='{m.condition.encoder}': unimm.bench counts the "
+                      "MMDiT's FLOPs with the 'text' conditioner only")
+    text, image = mmdit_stream_tokens(cfg, batch, num_patches)
+    rows = image > 0
+    pairs = int(np.sum(np.where(rows, text + image, 0) ** 2))
+    text_pairs = int(np.sum(np.where(rows, text, 0) ** 2))
+    flops = mmdit_useful_flops(params["matmul"], int(np.sum(image)), int(np.sum(text[rows])),
+                               int(np.sum(rows)), pairs, text_pairs, m.heads, head_dim,
+                               m.depth + m.mmdit.single_depth, m.condition.depth)
+    return flops, pairs
   seg = batch["segment_ids"]
   pairs = allowed_pairs(MaskIds(seg, batch["modality"], batch["image_ids"], batch["positions"]))
-  return useful_flops(params["matmul_active"], int(np.sum(seg > 0)), pairs, m.heads,
-                      m.head_dim or m.width // m.heads, m.depth), pairs
+  return useful_flops(params["matmul_active"], int(np.sum(seg > 0)), pairs, m.heads, head_dim,
+                      m.depth), pairs
 
 
 # ---------------------------------------------------------------------- data
@@ -203,6 +329,44 @@ def synthetic_batch(cfg, vocab_size, patch_dim, pixel_dim=0, seed=0):
           "modality": zeros, "image_ids": zeros, "patch_index": zeros,
           "segment_ids": np.ones((b, l), np.int32),
           "positions": np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()}
+
+
+def synthetic_mmdit_batch(cfg, tokenizer, grid, seed=0):
+  """One text-to-image document per row, filling it (numpy, the batch contract, laid out as
+  `unimm.data.pipeline.encode_document` lays one out): <bos>, L - N - 4 random text ids (no
+  special ids), <boi>, the N tokens of a noised image (random patches in [-1, 1], patch_index
+  0..N-1; vae: random pixels to encode), <eoi>, <eos>. The text stream (the first L - N text
+  positions) holds exactly the row's L - N text positions."""
+  b, length, n = cfg.data.batch_size, cfg.data.seq_len, grid.num_patches
+  words = length - n - 4
+  if words < 0:
+    raise UserError(f"data.seq_len={length} holds no document of a {n}-token image: use "
+                    f"data.seq_len >= {n + 4}")
+  rng = np.random.default_rng(seed)
+  plain = np.setdiff1d(np.arange(tokenizer.vocab_size), sorted(tokenizer.special_ids))
+  row = np.concatenate([[tokenizer.bos_id], np.zeros(words, np.int64), [tokenizer.boi_id],
+                        np.zeros(n, np.int64), [tokenizer.eoi_id, tokenizer.eos_id]])
+  tokens = np.tile(row, (b, 1)).astype(np.int32)
+  tokens[:, 1:1 + words] = rng.choice(plain, (b, words))
+  start = words + 2
+  image = np.zeros((b, length), bool)
+  image[:, start:start + n] = True
+  zeros = np.zeros((b, length), np.int32)
+  patches = np.zeros((b, length, grid.patch_dim), np.float32)
+  pixels = np.zeros((b, length, grid.pixel_dim), np.uint8)
+  if grid.pixel_dim:  # vae: the step encodes the pixels
+    pixels[image] = rng.integers(0, 256, (b * n, grid.pixel_dim), dtype=np.uint8)
+  else:
+    patches[image] = rng.uniform(-1, 1, (b * n, grid.patch_dim))
+  patch_index = zeros.copy()
+  patch_index[:, start:start + n] = np.arange(n)
+  return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
+          "loss_mask": np.zeros((b, length), np.float32), "patches": patches, "pixels": pixels,
+          "encode": (image & (grid.pixel_dim > 0)).astype(np.int32),
+          "modality": np.where(image, NOISED_IMAGE, TEXT).astype(np.int32),
+          "image_ids": image.astype(np.int32), "patch_index": patch_index,
+          "segment_ids": np.ones((b, length), np.int32),
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()}
 
 
 def pipeline_batches(cfg, patch_dim, pixel_dim=0, n=PIPELINE_BATCHES):
@@ -274,6 +438,8 @@ def train_step_bench(cfg, name, *, steps, warmup, data, devices, peers):
   patch_dim, pixel_dim = grid.patch_dim, grid.pixel_dim
   params = parameter_summary(cfg, vocab)
   # first, before JAX takes the accelerator's memory
+  mmdit = getattr(cfg.model, "family", "unified") == "mmdit"
+  n = grid.num_patches if mmdit else 0
   peer = {d: run_peer(cfg, name, d, steps, warmup, vocab) for d in data} if peers else {}
 
   local = jax.local_devices()
@@ -289,9 +455,13 @@ def train_step_bench(cfg, name, *, steps, warmup, data, devices, peers):
   compiled = compile_s = None
   lines = []
   for kind in data:
-    host = ([synthetic_batch(cfg, vocab, patch_dim, pixel_dim, cfg.seed)] if kind == "synthetic"
-            else pipeline_batches(cfg, patch_dim, pixel_dim))
-    counted = [model_flops(cfg, params, b) for b in host]
+    if kind == "pipeline":
+      host = pipeline_batches(cfg, patch_dim, pixel_dim)
+    elif mmdit:
+      host = [synthetic_mmdit_batch(cfg, tokenizer, grid, cfg.seed)]
+    else:
+      host = [synthetic_batch(cfg, vocab, patch_dim, pixel_dim, cfg.seed)]
+    counted = [model_flops(cfg, params, b, n) for b in host]
     batches = [trainer.device_batch(b) for b in host]
     if compiled is None:
       t = time.perf_counter()
@@ -384,9 +554,15 @@ def run_peer(cfg, name, data, steps, warmup, vocab):
   out = dict(base, **json.loads(lines[-1]))
   b, l = spec["batch"], spec["seq_len"]
   median = out["step_time_s"]["median"]
-  flops = useful_flops(out["params"]["matmul_active"], b * l, b * l * (l + 1) // 2,
-                       spec["hf"]["num_attention_heads"], spec["hf"]["head_dim"],
-                       spec["hf"]["num_hidden_layers"])
+  if spec.get("family") == "mmdit":
+    f, lt, li = spec["flux"], spec["text_tokens"], spec["image_tokens"]
+    flops = mmdit_useful_flops(out["params"]["matmul"], b * li, b * lt, b, b * (lt + li) ** 2, 0,
+                               f["num_attention_heads"], f["attention_head_dim"],
+                               f["num_layers"] + f["num_single_layers"])
+  else:
+    flops = useful_flops(out["params"]["matmul_active"], b * l, b * l * (l + 1) // 2,
+                         spec["hf"]["num_attention_heads"], spec["hf"]["head_dim"],
+                         spec["hf"]["num_hidden_layers"])
   peak = peak_flops(out["device"])
   out.update(tokens_per_s=round(b * l / median, 1), useful_flops_per_step=float(flops),
              useful_tflops_per_device=_sig(flops / median / 1e12),
