@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae moe mot test bench-gpu clean
+.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae moe mot mmdit metaquery test bench-gpu clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,16 @@ moe: setup
 
 mot: setup
 	$(PY) -m unimm.train --config configs/mot.py --workdir runs/mot
+
+# The MMDiT (configs/mmdit_shapes.py), and MetaQuery on the demo's frozen model.
+mmdit: setup
+	$(PY) -m unimm.train --config configs/mmdit_shapes.py --workdir runs/mmdit_shapes
+
+runs/demo/eval.json: | setup
+	$(PY) -m unimm.train --config configs/demo.py --workdir runs/demo
+
+metaquery: runs/demo/eval.json
+	$(PY) -m unimm.train --config configs/metaquery_shapes.py --workdir runs/metaquery_shapes
 
 # libtpu (matching the installed jax) lets tests compile programs for TPU topologies on this
 # host; kept off the venv's path (TPU_LIBRARY_PATH, set by tests/conftest.py) so that plain runs

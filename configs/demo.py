@@ -14,9 +14,9 @@ from unimm.config import defaults
 def get_config():
   c = defaults()
   c.model.update(width=128, depth=4, heads=4, mlp_dim=384, patch_size=8, prediction="x0",
-                 source_patches=True)
+                 edit_source="residual")
   c.data.update(image_size=32, seq_len=256, batch_size=8, image_dropout=0.1)
-  c.data.tasks.update(t2i=0.5, caption=0.15, qa=0.1, edit=0.2, story=0.05)
+  c.data.tasks.update(t2i=0.45, caption=0.15, qa=0.1, edit=0.25, story=0.05)
   c.flow.loss_weight = 3.0
   c.optim.update(lr=3e-3, warmup_steps=100)
   c.train.update(steps=1800, log_every=100, ckpt_every=600, time_limit_s=660.0)

@@ -100,15 +100,14 @@ def test_three_way_condition_dropout():
     assert a == b
 
 
-def test_source_patches_reach_the_edit_target(vocab_size):
-  """model.source_patches: a noised target token's input embeds the clean patch at its place
-  in the source image; nothing else does."""
+def test_edit_source_reaches_the_edit_target(vocab_size):
+  """model.edit_source: a noised target token's input embeds the clean patch at its place in
+  the source image, nothing else does; "residual": the x0 prediction starts from that patch."""
   from unimm.models.unified import build_model
   c = defaults()
-  c.model.update(width=32, depth=1, heads=2, mlp_dim=64, patch_size=8, source_patches=True)
+  c.model.update(width=32, depth=1, heads=2, mlp_dim=64, patch_size=8, edit_source="residual")
   c.data.update(image_size=16)
   model, _ = build_model(c, vocab_size=vocab_size)
-  model.source_in.value = jnp.ones_like(model.source_in.value)
   B, L, Dp = 1, 12, 192
   modality = jnp.asarray([[0, 1, 1, 1, 1, 0, 2, 2, 2, 2, 0, 0]])
   image = jnp.asarray([[0, 1, 1, 1, 1, 0, 2, 2, 2, 2, 0, 0]])
@@ -121,6 +120,14 @@ def test_source_patches_reach_the_edit_target(vocab_size):
   moved = embed(patches.at[0, 3].add(1.0))  # source patch 2 changes: only target token 2 moves
   changed = np.nonzero(np.abs(np.asarray(moved - base)).max(-1)[0] > 0)[0].tolist()
   assert changed == [3, 8]
+  # the flow head starts at zero: the prediction is the source at the targets, 0 elsewhere
+  _, flow, _ = model(jnp.zeros((B, L), jnp.int32), patches, t, modality, image, pidx, seg,
+                     jnp.arange(L)[None])
+  np.testing.assert_allclose(np.asarray(flow[0, 6:10]), np.asarray(patches[0, 1:5]), atol=1e-6)
+  assert not np.asarray(flow[0, :6]).any() and not np.asarray(flow[0, 10:]).any()
+  c.model.prediction = "velocity"
+  with pytest.raises(UserError, match="needs model.prediction='x0'"):
+    build_model(c, vocab_size=vocab_size)
 
 
 def test_mmdit_on_8_devices_equals_one(vocab_size, np_batch, single):

@@ -120,8 +120,9 @@ def defaults() -> ml_collections.ConfigDict:
       prediction="x0",     # "x0": network predicts the clean image, converted to velocity; "velocity"
       rope_theta=10_000.0,
       image_rope_2d=False, # image patches also rotate by (row, col) in half of each head's dims
-      source_patches=False,  # edits: a noised target patch also embeds the clean patch at its place in the
-                           # document's last condition image (InstructPix2Pix-style alignment, added)
+      edit_source="none",  # edits: "input" (a noised target patch also embeds the clean patch at its place in
+                           # the document's last condition image: InstructPix2Pix-style alignment, added),
+                           # "residual" (that, and the x0 prediction is relative to the source patch) or "none"
       dtype="float32",     # compute dtype: "float32" or "bfloat16" (params stay float32)
       attention="auto",    # "xla" (dense mask built from ids), "flash" (Pallas kernel building each
                            # mask tile from the ids: Triton on GPU, Mosaic on TPU, interpreted on CPU),

@@ -99,18 +99,31 @@ class TextEncoder(nnx.Module):
     return self.encoder(x, mask)
 
 
-def llm_config(path):
-  """The full config of the unified model in training workdir `path` (its config.json)."""
-  from unimm.config import from_saved  # pylint: disable=import-outside-toplevel
+def llm_config(path, run_cfg=None):
+  """The full config of the frozen LLM at `path`: a unimm training workdir of the unified model
+  (its config.json), or a local Hugging Face decoder directory (Llama, Qwen2/2.5, Qwen3: its
+  architecture through `unimm.interop.hf_llm`, its tokenizer, and the image fields of
+  `run_cfg`, since such an LLM reads no images of its own)."""
+  from unimm.config import defaults, from_saved  # pylint: disable=import-outside-toplevel
   if not path:
     raise UserError("model.condition.encoder needs model.condition.llm: the workdir of a trained "
-                    "unified model (python -m unimm.train ... --workdir DIR)")
+                    "unified model or a local Hugging Face decoder directory")
   file = os.path.join(path, "config.json")
   if not os.path.exists(file):
     raise UserError(f"model.condition.llm={path}: no config.json there; give the workdir of a "
-                    "trained unified model")
+                    "trained unified model or a Hugging Face decoder directory")
   with open(file) as f:
     saved = json.load(f)
+  if "model_type" in saved:  # a Hugging Face checkpoint
+    from unimm.interop.hf_llm import apply_model_fields  # pylint: disable=import-outside-toplevel
+    cfg = defaults()
+    apply_model_fields(cfg, path)
+    cfg.data.tokenizer = path
+    if run_cfg is not None:
+      cfg.data.image_size = run_cfg.data.image_size
+      for k in ("patch_size", "image_tokenizer", "tokenizer_path", "latent_patch"):
+        cfg.model[k] = run_cfg.model[k]
+    return cfg
   cfg = from_saved(saved)
   if cfg.model.family != "unified":
     raise UserError(f"model.condition.llm={path} holds a {cfg.model.family} model, not a unified one")
@@ -141,7 +154,7 @@ class DiffusionModel(nnx.Module):
     if self.encoder_kind == "text":
       self.text_encoder = TextEncoder(m, vocab_size, rngs=rngs)
     else:
-      llm_cfg = llm_config(m.condition.llm)
+      llm_cfg = llm_config(m.condition.llm, cfg)
       if llm_cfg.data.tokenizer != cfg.data.tokenizer:
         raise UserError(f"data.tokenizer='{cfg.data.tokenizer}' differs from the LLM's "
                         f"'{llm_cfg.data.tokenizer}' ({m.condition.llm}): use the LLM's tokenizer")
@@ -261,37 +274,3 @@ def frozen_params(params):
   """True for the frozen LLM's parameters (no update; the optimizer masks them)."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: str(getattr(path[0], "key", path[0])) == "llm", params)
-
-
-def load_llm(params, cfg):
-  """params (a host pytree of the DiffusionModel's parameters) with the frozen LLM's replaced by
-  those of the latest checkpoint in model.condition.llm (restored on one device)."""
-  # pylint: disable=import-outside-toplevel
-  from unimm.data.tokenizer import load_tokenizer
-  from unimm.parallel.sharding import make_mesh
-  from unimm.train.checkpoint import Checkpointer, _shapes
-  from unimm.train.step import Trainer
-  path = cfg.model.condition.llm
-  llm_cfg = llm_config(path)
-  llm_cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
-  ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1)
-  step = ckpt.latest_step()
-  if step is None:
-    raise UserError(f"model.condition.llm={path}: no checkpoint in {path}/checkpoints")
-  trainer = Trainer(llm_cfg, make_mesh(llm_cfg.mesh, jax.devices()[:1]),
-                    load_tokenizer(llm_cfg.data.tokenizer).model_vocab_size())
-  restored = jax.device_get(ckpt.restore(step, trainer.abstract_state)["params"])
-  ckpt.close()
-  found = dict(zip(_shapes(restored), jax.tree.leaves(restored)))
-  ours = params["llm"]
-  names, (leaves, treedef) = list(_shapes(ours)), jax.tree.flatten(ours)
-  out = []
-  for name, leaf in zip(names, leaves):
-    if name not in found:
-      raise UserError(f"{path}: its checkpoint has no parameter {name}")
-    if tuple(found[name].shape) != tuple(leaf.shape):
-      raise UserError(f"{path}: parameter {name} is {tuple(found[name].shape)} there and "
-                      f"{tuple(leaf.shape)} here")
-    out.append(np.asarray(found[name], leaf.dtype))
-  params["llm"] = jax.tree.unflatten(treedef, out)
-  return params

@@ -30,6 +30,7 @@ from unimm.models.layers import (Block, MaskIds, RMSNorm, aligned_source, check_
 from unimm.parallel.sharding import constrain
 
 T_FREQ_DIM = 256
+EDIT_SOURCES = ("none", "input", "residual")
 
 
 class UnifiedTransformer(nnx.Module):
@@ -70,15 +71,24 @@ class UnifiedTransformer(nnx.Module):
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w)))
     self.flow_head = param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True) if flow else None
-    # editing: a noised target patch also embeds the clean patch at its place in the document's
-    # last condition image (InstructPix2Pix's channel concatenation, as a sum; zero at init)
-    self.source_in = (param(rngs, (patch_dim, w), ("patch", "embed"), zeros=True)
-                      if flow and patch_dim and cfg.source_patches else None)
+    # editing (model.edit_source): a noised target patch also embeds the clean patch at its place
+    # in the document's last condition image (InstructPix2Pix's channel concatenation, as a sum;
+    # initialised like patch_in, last so that the other parameters keep their initial values);
+    # "residual": the x0 prediction is relative to that source patch
+    edit = getattr(cfg, "edit_source", "none")
+    if edit not in EDIT_SOURCES:
+      raise UserError(f"model.edit_source='{edit}' is unknown: use one of {', '.join(EDIT_SOURCES)}")
+    if edit == "residual" and cfg.prediction != "x0":
+      raise UserError("model.edit_source='residual' predicts x0 relative to the source: it needs "
+                      "model.prediction='x0'")
+    self.source_in = (param(rngs, (patch_dim, w), ("patch", "embed"), 1.0 / math.sqrt(patch_dim))
+                      if flow and patch_dim and edit != "none" else None)
+    self.edit_residual = edit == "residual" and flow and bool(patch_dim)
 
   def embed_inputs(self, tokens, patches, t, modality, patch_index, segment_ids=None, image_ids=None):
     """Text ids -> the token table; image codes (vq) -> the token table plus their patch
     position; pixel or latent patches -> patch projection + position + modality + time (+ the
-    aligned source patch of an edit target, model.source_patches)."""
+    aligned source patch of an edit target, model.edit_source)."""
     dtype = self.embed.value.dtype
     text = jnp.take(self.embed.value, tokens, axis=0)
     pos = jnp.take(self.patch_pos.value, patch_index, axis=0)
@@ -86,9 +96,8 @@ class UnifiedTransformer(nnx.Module):
     if self.patch_in is not None:
       img = img + patches.astype(dtype) @ self.patch_in.value
     if self.source_in is not None:
-      src, ok = aligned_source(segment_ids, modality, image_ids)
-      source = jnp.take_along_axis(patches, src[..., None], axis=1).astype(dtype)
-      img = img + jnp.where(ok[..., None], source @ self.source_in.value, 0.0)
+      source = self.edit_sources(patches, segment_ids, modality, image_ids).astype(dtype)
+      img = img + source @ self.source_in.value
     if self.flow_head is not None:
       temb = timestep_embedding(t, T_FREQ_DIM).astype(dtype)
       img = img + jax.nn.silu(temb @ self.t_in.value) @ self.t_out.value
@@ -132,9 +141,22 @@ class UnifiedTransformer(nnx.Module):
     """The LM head [W, V] (the transposed token table when tied)."""
     return self.embed.value.T if self.lm_head is None else self.lm_head.value
 
-  def flow_out(self, h):
-    """The flow head on the final stream: [B, L, patch_dim] float32 (None without one)."""
-    return None if self.flow_head is None else (h @ self.flow_head.value).astype(jnp.float32)
+  def edit_sources(self, patches, segment_ids, modality, image_ids):
+    """[B, L, D]: at each edit target token the clean patch at its place in the document's last
+    condition image (`aligned_source`; a source of another size is never used), else 0."""
+    src, ok = aligned_source(segment_ids, modality, image_ids)
+    return jnp.where(ok[..., None], jnp.take_along_axis(patches, src[..., None], axis=1), 0.0)
+
+  def flow_out(self, h, patches=None, segment_ids=None, modality=None, image_ids=None):
+    """The flow head on the final stream: [B, L, patch_dim] float32 (None without one); with
+    model.edit_source="residual" plus the aligned source patches (the batch's `patches` and ids
+    given)."""
+    if self.flow_head is None:
+      return None
+    out = (h @ self.flow_head.value).astype(jnp.float32)
+    if self.edit_residual:
+      out = out + self.edit_sources(patches, segment_ids, modality, image_ids).astype(jnp.float32)
+    return out
 
   def __call__(self, tokens, patches, t, modality, image_ids, patch_index, segment_ids,
                positions, cache=None, cache_index=None):
@@ -143,7 +165,8 @@ class UnifiedTransformer(nnx.Module):
     h, new_cache = self.hidden(tokens, patches, t, modality, image_ids, patch_index, segment_ids,
                                positions, cache, cache_index)
     logits = jnp.einsum("bld,dv->blv", h, self.head(), preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "length", "act_vocab")), self.flow_out(h), new_cache
+    flow = self.flow_out(h, patches, segment_ids, modality, image_ids)
+    return constrain(logits, ("batch", "length", "act_vocab")), flow, new_cache
 
   def rope_positions(self, positions, modality, patch_index):
     """RoPE positions: the sequence position, plus (row, col) of image patches

@@ -49,7 +49,7 @@ class DiffusionSampler:
   def _llm_sampler(self, model):
     from unimm.models.conditioning import llm_config  # pylint: disable=import-outside-toplevel
     from unimm.sampling.sampler import Sampler  # pylint: disable=import-outside-toplevel
-    llm_cfg = llm_config(self.cfg.model.condition.llm)
+    llm_cfg = llm_config(self.cfg.model.condition.llm, self.cfg)
     llm_cfg.sample.update(max_new_tokens=self.cfg.sample.max_new_tokens,
                           temperature=self.cfg.sample.temperature, top_p=self.cfg.sample.top_p)
     graphdef, params = nnx.split(model.llm, nnx.Param)

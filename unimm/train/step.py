@@ -10,9 +10,12 @@ encode the batch's images (`_encoding_images`).
 """
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -153,7 +156,6 @@ class Trainer:
   def with_llm(self, state):
     """A fresh state whose frozen LLM (MMDiT conditioning, model.condition.llm) holds the
     weights of that workdir's latest checkpoint; the optimizer state as initialised."""
-    from unimm.models.conditioning import load_llm  # pylint: disable=import-outside-toplevel
     params = load_llm(jax.device_get(state["params"]), self.cfg)
     params = jax.device_put(params, self.param_shardings)
     init_opt = jax.jit(lambda p: {"params": p, "opt_state": self.tx.init(p),
@@ -231,3 +233,42 @@ class Trainer:
 
   def loss_and_grads(self, params, batch, rng):
     return self.jit_loss_and_grads(params, batch, rng, self.tokenizer_variables)
+
+
+def load_llm(params, cfg):
+  """params (a host pytree of the DiffusionModel's parameters) with the frozen LLM's replaced by
+  those of the latest checkpoint in model.condition.llm (restored on one device)."""
+  # pylint: disable=import-outside-toplevel
+  from unimm.data.tokenizer import load_tokenizer
+  from unimm.models.conditioning import llm_config
+  from unimm.train.checkpoint import Checkpointer, _shapes
+  path = cfg.model.condition.llm
+  llm_cfg = llm_config(path, cfg)
+  with open(os.path.join(path, "config.json")) as f:
+    hf = "model_type" in json.load(f)
+  if hf:
+    from unimm.interop.hf_llm import load_params  # pylint: disable=import-outside-toplevel
+    params["llm"] = load_params(path, params["llm"], llm_cfg)
+    return params
+  llm_cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+  ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1)
+  step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f"model.condition.llm={path}: no checkpoint in {path}/checkpoints")
+  trainer = Trainer(llm_cfg, shd.make_mesh(llm_cfg.mesh, jax.devices()[:1]),
+                    load_tokenizer(llm_cfg.data.tokenizer).model_vocab_size())
+  restored = jax.device_get(ckpt.restore(step, trainer.abstract_state)["params"])
+  ckpt.close()
+  found = dict(zip(_shapes(restored), jax.tree.leaves(restored)))
+  ours = params["llm"]
+  names, (leaves, treedef) = list(_shapes(ours)), jax.tree.flatten(ours)
+  out = []
+  for name, leaf in zip(names, leaves):
+    if name not in found:
+      raise UserError(f"{path}: its checkpoint has no parameter {name}")
+    if tuple(found[name].shape) != tuple(leaf.shape):
+      raise UserError(f"{path}: parameter {name} is {tuple(found[name].shape)} there and "
+                      f"{tuple(leaf.shape)} here")
+    out.append(np.asarray(found[name], leaf.dtype))
+  params["llm"] = jax.tree.unflatten(treedef, out)
+  return params
