@@ -44,6 +44,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0  # params init, data order and per-step noise all derive from it
 
   c.model = dict(
+      family="unified",  # "unified" (the unified transformer, unimm.models.unified) or "mmdit" (unimm.models.mmdit)
       width=256,           # residual stream width
       depth=4,             # transformer blocks
       heads=4,             # attention (query) heads
@@ -80,6 +81,19 @@ def defaults() -> ml_collections.ConfigDict:
                            # (0, 1, 1) LMFusion; the number of experts is max + 1
           freeze_text=False,  # expert 0 and the embeddings / LM head get no updates (LMFusion)
           init_copy=False, # other experts start as copies of expert 0 (BAGEL)
+      ),
+      mmdit=dict(           # model.family="mmdit": the multimodal diffusion transformer (SD3 / FLUX / Qwen-Image)
+          variant="flux",   # "flux" (double + single blocks, 3-axis RoPE), "sd3" (double blocks, 2-D sin-cos
+                            # position table, last block context_pre_only), "qwen" (double blocks, MSRoPE, text RMSNorm)
+          single_depth=0,   # single-stream (parallel attention + MLP) blocks after the double ones (flux)
+          mlp_ratio=4.0,
+          context_dim=0,    # width of the conditioning features entering the text stream (T5 4096, Qwen2.5-VL 3584); 0: width
+          pooled_dim=0,     # pooled text vector added to the timestep embedding (CLIP: 768 flux, 2048 sd3); 0: none
+          guidance_embed=False,  # distilled guidance scale embedded like t (FLUX.1-dev)
+          axes_dims=(16, 56, 56),  # RoPE dims per id axis (frame, row, col); sum = head_dim
+          pos_embed_max_size=0,  # sd3: side of the 2-D sin-cos position table (192 for SD3-Medium)
+          in_channels=0,    # image-stream input width; 0: the image tokenizer's patch_dim (2x with edit="concat")
+          out_channels=0,   # 0: patch_dim
       ),
       patch_size=8,        # image patch side in pixels (image tokenizer "pixels")
       image_tokenizer="pixels",  # image tokens: "pixels" (patches), "vae" (latent patches) or "vq" (codes)
