@@ -24,7 +24,8 @@ Names (torch Linear weights are [out, in]; ours are [in, ...]); diffusers flux /
     time_in.linear_1/2     time_text_embed.timestep_embedder.linear_1/2 | time_in.in_layer/out_layer
     guidance_in, vector_in time_text_embed.guidance_embedder / text_embedder | guidance_in / vector_in
     double_blocks.i        transformer_blocks.i | double_blocks.i
-      img_mod, txt_mod       norm1.linear, norm1_context.linear | img_mod.1, txt_mod.1 | img_mod.lin, txt_mod.lin
+      img_mod, txt_mod       norm1.linear, norm1_context.linear | img_mod.1, txt_mod.1
+                             | img_mod.lin, txt_mod.lin
       img_attn.wq/bq/...     attn.to_q/k/v [H*Dh, W] -> [W, H, Dh] | img_attn.qkv (rows q, k, v)
       img_attn.q/k_norm      attn.norm_q/k | img_attn.norm.query_norm/key_norm.scale
       img_attn.wo/bo         attn.to_out.0 | img_attn.proj
@@ -49,10 +50,12 @@ packed mask) needs patch_order="chw", which keeps (c, ph, pw) for every variant.
 
 import importlib.metadata
 import json
+import math
 import os
 import re
 import struct
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -203,7 +206,8 @@ def _diffusers_config(cfg, dims):
   elif variant == "sd3":
     need(m.pooled_dim > 0 and not m.guidance_embed,
          "a pooled text vector and no guidance embedding (model.mmdit.pooled_dim, guidance_embed)")
-    need(dims["in"] % 4 == 0 and dims["out"] % 4 == 0, "2 x 2 patches (in / out channels divisible by 4)")
+    need(dims["in"] % 4 == 0 and dims["out"] % 4 == 0,
+         "2 x 2 patches (in / out channels divisible by 4)")
     out.update(sample_size=2 * SD3_POS_BASE, patch_size=SD3_PATCH, in_channels=dims["in"] // 4,
                out_channels=dims["out"] // 4, caption_projection_dim=dims["width"],
                pooled_projection_dim=int(m.pooled_dim), pos_embed_max_size=int(m.pos_embed_max_size),
@@ -239,7 +243,7 @@ class _Checkpoint:
 
   def __init__(self, path):
     path = os.fspath(path)
-    self.path, self.config = path, None
+    self.path, self.config, self.headers, self.handles = path, None, {}, {}
     if os.path.isdir(path):
       if os.path.isfile(os.path.join(path, "config.json")):
         self.config, _ = _read_config(path)
@@ -247,40 +251,35 @@ class _Checkpoint:
       if os.path.isfile(index):
         try:
           with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+            files = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        except (OSError, ValueError, KeyError, AttributeError) as e:
           raise UserError(f"{index} is not a readable index ({type(e).__name__}: {e})") from None
-        files = {k: os.path.join(path, v) for k, v in weight_map.items()}
         for file in sorted(set(files.values())):
           if not os.path.isfile(file):
             raise UserError(f"{path}: shard {os.path.basename(file)} (listed in {INDEX}) is missing")
       elif os.path.isfile(single):
-        files = None
-        self._add(single)
+        files = {k: single for k in self._header(single)[0]}
       else:
         raise UserError(f"{path}: no {WEIGHTS} or {INDEX}: a diffusers transformer directory holds "
                         "config.json and safetensors weights")
     elif os.path.isfile(path) and path.endswith(".safetensors"):
-      files = None
-      self._add(path)
+      files = {k: path for k in self._header(path)[0]}
     else:
-      raise UserError(f"MMDiT checkpoint {path} is neither a diffusers directory nor a .safetensors file")
-    if files is not None:
-      self.entries, self.headers = {}, {}
-      for key, file in files.items():
-        if file not in self.headers:
-          self.headers[file] = _header(file)
-        if key not in self.headers[file][0]:
-          raise UserError(f"{path}: {os.path.basename(file)} lacks {key} (listed in {INDEX})")
-        self.entries[key] = (file, key)
-    if any(k.startswith(BFL_PREFIX) for k in self.entries):
-      self.entries = {k[len(BFL_PREFIX):]: v for k, v in self.entries.items() if k.startswith(BFL_PREFIX)}
+      raise UserError(f"MMDiT checkpoint {path} is neither a diffusers directory nor a "
+                      ".safetensors file")
+    for key, file in files.items():
+      if key not in self._header(file)[0]:
+        raise UserError(f"{path}: {os.path.basename(file)} lacks {key} (listed in {INDEX})")
+    self.entries = {k: (f, k) for k, f in files.items()}  # our key -> (file, key in the file)
+    if any(k.startswith(BFL_PREFIX) for k in files):
+      self.entries = {k[len(BFL_PREFIX):]: (f, k) for k, f in files.items()
+                      if k.startswith(BFL_PREFIX)}
     self.variant, self.layout = self._detect()
 
-  def _add(self, file):
-    header = _header(file)
-    self.headers = {file: header}
-    self.entries = {k: (file, k) for k in header[0]}
+  def _header(self, file):
+    if file not in self.headers:
+      self.headers[file] = _header(file)
+    return self.headers[file]
 
   def _detect(self):
     keys = self.entries
@@ -293,15 +292,17 @@ class _Checkpoint:
     elif "img_in.weight" in keys and "txt_norm.weight" in keys:
       found = ("qwen", "diffusers")
     else:
-      raise UserError(f"{self.path}: not an MMDiT checkpoint (no x_embedder.weight, pos_embed.proj.weight, "
-                      "img_in.weight + txt_norm.weight or double_blocks.0.img_attn.qkv.weight)")
+      raise UserError(f"{self.path}: not an MMDiT checkpoint (none of x_embedder.weight, "
+                      "pos_embed.proj.weight, img_in.weight + txt_norm.weight, "
+                      "double_blocks.0.img_attn.qkv.weight)")
     if self.config is not None:
       cls = self.config.get("_class_name")
       if cls not in CLASSES:
         raise UserError(f"{self.path}: _class_name {cls!r} is not an MMDiT this loader knows: use a "
                         f"{', '.join(CLASSES)} checkpoint")
       if CLASSES[cls] != found[0]:
-        raise UserError(f"{self.path}: config.json says {cls} but the weights are a {CLASS_OF[found[0]]}'s")
+        raise UserError(f"{self.path}: config.json says {cls} but the weights are a "
+                        f"{CLASS_OF[found[0]]}'s")
     if any(".attn2." in k for k in keys):
       raise UserError(f"{self.path}: the checkpoint has dual attention (attn2: MMDiT-X, SD3.5-Medium), "
                       "which is not supported")
@@ -323,9 +324,10 @@ class _Checkpoint:
         begin, end = info["data_offsets"]
         raw = np.fromfile(file, dtype="<u2", count=(end - begin) // 2, offset=start + begin)
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
-      from safetensors import safe_open
-      with safe_open(file, framework="np") as f:
-        return np.asarray(f.get_tensor(name), dtype=np.float32)
+      if file not in self.handles:
+        from safetensors import safe_open
+        self.handles[file] = safe_open(file, framework="np")
+      return np.asarray(self.handles[file].get_tensor(name), dtype=np.float32)
     except Exception as e:  # noqa: BLE001 - any unreadable tensor is the user's to fix
       raise UserError(f"{file}: cannot read {name} ({type(e).__name__}: {e})") from None
 
@@ -407,131 +409,122 @@ def _patch_perms(variant, n_in, n_out, patch_order):
   return p_in, p_out
 
 
-_TOP = {  # ours -> (diffusers flux, sd3, qwen, BFL)
-    "img_in": ("x_embedder", "pos_embed.proj", "img_in", "img_in"),
-    "txt_norm": (None, None, "txt_norm", None),
-    "txt_in": ("context_embedder", "context_embedder", "txt_in", "txt_in"),
-    "time_in.linear_1": ("time_text_embed.timestep_embedder.linear_1",) * 3 + ("time_in.in_layer",),
-    "time_in.linear_2": ("time_text_embed.timestep_embedder.linear_2",) * 3 + ("time_in.out_layer",),
-    "guidance_in.linear_1": ("time_text_embed.guidance_embedder.linear_1", None, None,
-                             "guidance_in.in_layer"),
-    "guidance_in.linear_2": ("time_text_embed.guidance_embedder.linear_2", None, None,
-                             "guidance_in.out_layer"),
-    "vector_in.linear_1": ("time_text_embed.text_embedder.linear_1",) * 2 + (None, "vector_in.in_layer"),
-    "vector_in.linear_2": ("time_text_embed.text_embedder.linear_2",) * 2 + (None, "vector_in.out_layer"),
-    "final_mod": ("norm_out.linear",) * 3 + ("final_layer.adaLN_modulation.1",),
-    "proj_out": ("proj_out",) * 3 + ("final_layer.linear",),
+def _pair(ours, names):
+  """kernel / bias of a linear: {ours.kernel: (names .weight), ours.bias: (names .bias)}."""
+  leaf = lambda n, suffix: None if n is None else f"{n}.{suffix}"
+  return {f"{ours}.kernel": tuple(leaf(n, "weight") for n in names),
+          f"{ours}.bias": tuple(leaf(n, "bias") for n in names)}
+
+
+# Our parameter -> its tensor in (diffusers FLUX, diffusers SD3, diffusers Qwen-Image, BFL FLUX);
+# None: none there. A tuple (name, dim, part) is part `part` of that tensor cut along `dim`: rows
+# [q, k, v, mlp] of sizes (W, W, W, mlp width) or columns [attention, MLP] of sizes (W, mlp width).
+_TOP = {
+    **_pair("img_in", ("x_embedder", "pos_embed.proj", "img_in", "img_in")),
+    "txt_norm.scale": (None, None, "txt_norm.weight", None),
+    **_pair("txt_in", ("context_embedder", "context_embedder", "txt_in", "txt_in")),
+    **_pair("time_in.linear_1",
+            ("time_text_embed.timestep_embedder.linear_1",) * 3 + ("time_in.in_layer",)),
+    **_pair("time_in.linear_2",
+            ("time_text_embed.timestep_embedder.linear_2",) * 3 + ("time_in.out_layer",)),
+    **_pair("guidance_in.linear_1",
+            ("time_text_embed.guidance_embedder.linear_1", None, None, "guidance_in.in_layer")),
+    **_pair("guidance_in.linear_2",
+            ("time_text_embed.guidance_embedder.linear_2", None, None, "guidance_in.out_layer")),
+    **_pair("vector_in.linear_1",
+            ("time_text_embed.text_embedder.linear_1",) * 2 + (None, "vector_in.in_layer")),
+    **_pair("vector_in.linear_2",
+            ("time_text_embed.text_embedder.linear_2",) * 2 + (None, "vector_in.out_layer")),
+    **_pair("final_mod", ("norm_out.linear",) * 3 + ("final_layer.adaLN_modulation.1",)),
+    **_pair("proj_out", ("proj_out",) * 3 + ("final_layer.linear",)),
 }
+
+# ... within double block i (diffusers transformer_blocks.i, BFL double_blocks.i)
+_DOUBLE = {
+    **_pair("img_mod", ("norm1.linear",) * 2 + ("img_mod.1", "img_mod.lin")),
+    **_pair("txt_mod", ("norm1_context.linear",) * 2 + ("txt_mod.1", "txt_mod.lin")),
+}
+for _s, _proj, _norm, _out in (("img", "to_{}", "norm_{}", "to_out.0"),
+                               ("txt", "add_{}_proj", "norm_added_{}", "to_add_out")):
+  for _j, _x in enumerate("qkv"):
+    for _w, _suffix in (("w", "weight"), ("b", "bias")):
+      _DOUBLE[f"{_s}_attn.{_w}{_x}"] = (f"attn.{_proj.format(_x)}.{_suffix}",) * 3 + (
+          (f"{_s}_attn.qkv.{_suffix}", 0, _j),)
+  for _x, _bfl in (("q", "query"), ("k", "key")):
+    _DOUBLE[f"{_s}_attn.{_x}_norm.scale"] = (f"attn.{_norm.format(_x)}.weight",) * 3 + (
+        f"{_s}_attn.norm.{_bfl}_norm.scale",)
+  _DOUBLE[f"{_s}_attn.wo"] = (f"attn.{_out}.weight",) * 3 + (f"{_s}_attn.proj.weight",)
+  _DOUBLE[f"{_s}_attn.bo"] = (f"attn.{_out}.bias",) * 3 + (f"{_s}_attn.proj.bias",)
+  _ff = {"img": "ff", "txt": "ff_context"}[_s]
+  for _ours, _net, _bfl in (("in", "net.0.proj", "0"), ("out", "net.2", "2")):
+    for _w, _suffix in (("w", "weight"), ("b", "bias")):
+      _DOUBLE[f"{_s}_mlp.{_w}_{_ours}"] = (f"{_ff}.{_net}.{_suffix}",) * 2 + (
+          f"{_s}_mlp.{_net}.{_suffix}", f"{_s}_mlp.{_bfl}.{_suffix}")
+
+# ... within single block i (diffusers single_transformer_blocks.i, BFL single_blocks.i)
+_SINGLE = {
+    **_pair("mod", ("norm.linear",) * 3 + ("modulation.lin",)),
+    "mlp_in": ("proj_mlp.weight",) * 3 + (("linear1.weight", 0, 3),),
+    "mlp_in_bias": ("proj_mlp.bias",) * 3 + (("linear1.bias", 0, 3),),
+    "attn_out": (("proj_out.weight", 1, 0),) * 3 + (("linear2.weight", 1, 0),),
+    "mlp_out": (("proj_out.weight", 1, 1),) * 3 + (("linear2.weight", 1, 1),),
+    "out_bias": ("proj_out.bias",) * 3 + ("linear2.bias",),
+}
+for _j, _x in enumerate("qkv"):
+  for _w, _suffix in (("w", "weight"), ("b", "bias")):
+    _SINGLE[f"attn.{_w}{_x}"] = (f"attn.to_{_x}.{_suffix}",) * 3 + ((f"linear1.{_suffix}", 0, _j),)
+for _x, _bfl in (("q", "query"), ("k", "key")):
+  _SINGLE[f"attn.{_x}_norm.scale"] = (f"attn.norm_{_x}.weight",) * 3 + (f"norm.{_bfl}_norm.scale",)
+
 _COLUMN = {"flux": 0, "sd3": 1, "qwen": 2}
-_ATTN = {"wq": "q", "wk": "k", "wv": "v", "bq": "q", "bk": "k", "bv": "v"}
 _BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
+_PREFIX = {"double_blocks": ("transformer_blocks", "double_blocks"),
+           "single_blocks": ("single_transformer_blocks", "single_blocks")}
 
 
-def _leaf(name, kind_weight="linear"):
-  """(suffix, kind) of a Dense-like leaf."""
-  return {"kernel": (".weight", kind_weight), "bias": (".bias", "copy"),
-          "scale": (".weight", "copy")}[name]
+def _kind(path, name):
+  leaf = path.split(".")[-1]
+  if name.startswith("pos_embed.proj.weight"):
+    return "conv"
+  if leaf in ("wq", "wk", "wv"):
+    return "q"
+  if leaf in ("bq", "bk", "bv"):
+    return "hbias"
+  if leaf in ("wo", "attn_out"):
+    return "o"
+  if leaf in ("kernel", "w_in", "w_out", "mlp_in", "mlp_out"):
+    return "linear"
+  return "copy"
 
 
 def _source(path, ctx):
-  """The `_Source` of our parameter `path` (dotted)."""
+  """The `_Source` of our parameter `path` (dotted) in the checkpoint `ctx` describes."""
   variant, bfl, w = ctx["variant"], ctx["layout"] == "bfl", ctx["width"]
+  column = 3 if bfl else _COLUMN[variant]
   m = _BLOCK.match(path)
-  if m is None:
-    *mod, leaf = path.split(".")
-    mod = ".".join(mod)
-    names = _TOP.get(mod)
-    name = names and names[3 if bfl else _COLUMN[variant]]
-    if name is None:
-      raise UserError(f"the model's parameter {path} has no counterpart in a {CLASS_OF[variant]} "
-                      f"checkpoint: set the model fields from the checkpoint (model_fields)")
-    suffix, kind = _leaf(leaf, "conv" if name == "pos_embed.proj" else "linear")
-    src = _Source(name + suffix, kind)
-    if mod == "img_in" and leaf == "kernel" and ctx["in_perm"] is not None:
-      src.axis, src.perm = 0, ctx["in_perm"]
-    if mod == "proj_out" and ctx["out_perm"] is not None:
-      src.axis, src.perm = (1 if leaf == "kernel" else 0), ctx["out_perm"]
-    if mod == "final_mod" and bfl:  # BFL (shift, scale) -> ours (scale, shift)
-      src.axis = 1 if leaf == "kernel" else 0
-      src.perm = np.concatenate([np.arange(w, 2 * w), np.arange(w)])
-    return src
-  kind_of_block, i, rest = m[1], m[2], m[3]
-  parts = rest.split(".")
-  if kind_of_block == "double_blocks":
-    pre = f"double_blocks.{i}." if bfl else f"transformer_blocks.{i}."
-    if parts[0] in ("img_mod", "txt_mod"):
-      stream = parts[0][:3]
-      name = (f"{stream}_mod.lin" if bfl else f"{stream}_mod.1" if variant == "qwen"
-              else {"img": "norm1.linear", "txt": "norm1_context.linear"}[stream])
-      suffix, kind = _leaf(parts[1])
-      return _Source(pre + name + suffix, kind)
-    if parts[0] in ("img_attn", "txt_attn"):
-      img = parts[0] == "img_attn"
-      if bfl:
-        return _bfl_attn(pre + parts[0] + ".", parts[1:], w)
-      leaf = parts[1]
-      if leaf in _ATTN:
-        proj = f"to_{_ATTN[leaf]}" if img else f"add_{_ATTN[leaf]}_proj"
-        return _Source(f"{pre}attn.{proj}." + ("weight" if leaf[0] == "w" else "bias"),
-                       "q" if leaf[0] == "w" else "hbias")
-      if leaf in ("q_norm", "k_norm"):
-        return _Source(f"{pre}attn.norm_{'' if img else 'added_'}{leaf[0]}.weight", "copy")
-      out = "to_out.0" if img else "to_add_out"
-      return _Source(f"{pre}attn.{out}." + ("weight" if leaf == "wo" else "bias"),
-                     "o" if leaf == "wo" else "copy")
-    if parts[0] in ("img_mlp", "txt_mlp"):
-      leaf = parts[1]
-      if bfl:
-        base = f"{pre}{parts[0]}.{'0' if leaf.endswith('_in') else '2'}"
-      else:
-        net = {"img_mlp": "ff", "txt_mlp": "ff_context"}[parts[0]] if variant != "qwen" else parts[0]
-        base = f"{pre}{net}.net.{'0.proj' if leaf.endswith('_in') else '2'}"
-      return _Source(base + (".weight" if leaf[0] == "w" else ".bias"),
-                     "linear" if leaf[0] == "w" else "copy")
-  else:
-    pre = f"single_blocks.{i}." if bfl else f"single_transformer_blocks.{i}."
-    f = ctx["mlp"]
-    if parts[0] == "mod":
-      suffix, kind = _leaf(parts[1])
-      return _Source(pre + ("modulation.lin" if bfl else "norm.linear") + suffix, kind)
-    if parts[0] == "attn":
-      leaf = parts[1]
-      if leaf in _ATTN:
-        weight = leaf[0] == "w"
-        kind = "q" if weight else "hbias"
-        if bfl:
-          j = "qkv".index(_ATTN[leaf])
-          return _Source(pre + "linear1." + ("weight" if weight else "bias"), kind, 0, j * w, (j + 1) * w)
-        return _Source(f"{pre}attn.to_{_ATTN[leaf]}." + ("weight" if weight else "bias"), kind)
-      if bfl:
-        return _Source(f"{pre}norm.{'query' if leaf[0] == 'q' else 'key'}_norm.scale", "copy")
-      return _Source(f"{pre}attn.norm_{leaf[0]}.weight", "copy")
-    if parts[0] in ("mlp_in", "mlp_in_bias"):
-      weight = parts[0] == "mlp_in"
-      kind = "linear" if weight else "copy"
-      if bfl:
-        return _Source(pre + "linear1." + ("weight" if weight else "bias"), kind, 0, 3 * w, 3 * w + f)
-      return _Source(pre + "proj_mlp." + ("weight" if weight else "bias"), kind)
-    out = pre + ("linear2" if bfl else "proj_out")
-    if parts[0] == "attn_out":
-      return _Source(out + ".weight", "o", 1, 0, w)
-    if parts[0] == "mlp_out":
-      return _Source(out + ".weight", "linear", 1, w, w + f)
-    if parts[0] == "out_bias":
-      return _Source(out + ".bias", "copy")
-  raise UserError(f"the model's parameter {path} has no counterpart in a {CLASS_OF[variant]} checkpoint")
-
-
-def _bfl_attn(pre, rest, w):
-  leaf = rest[0]
-  if leaf in _ATTN:
-    j = "qkv".index(_ATTN[leaf])
-    weight = leaf[0] == "w"
-    return _Source(pre + "qkv." + ("weight" if weight else "bias"), "q" if weight else "hbias",
-                   0, j * w, (j + 1) * w)
-  if leaf in ("q_norm", "k_norm"):
-    return _Source(pre + f"norm.{'query' if leaf[0] == 'q' else 'key'}_norm.scale", "copy")
-  return _Source(pre + "proj." + ("weight" if leaf == "wo" else "bias"), "o" if leaf == "wo" else "copy")
+  table, prefix, rest = _TOP, "", path
+  if m is not None:
+    table, prefix, rest = (_DOUBLE if m[1] == "double_blocks" else _SINGLE,
+                           f"{_PREFIX[m[1]][bfl]}.{m[2]}.", m[3])
+  name = table.get(rest, (None,) * 4)[column]
+  if name is None:
+    raise UserError(f"the model's parameter {path} has no counterpart in a "
+                    f"{'BFL FLUX' if bfl else CLASS_OF[variant]} checkpoint: set the model fields "
+                    "from the checkpoint (model_fields)")
+  key = prefix + (name if isinstance(name, str) else name[0])
+  src = _Source(key, _kind(path, key))
+  if not isinstance(name, str):  # a part of a tensor: q, k, v (, mlp) rows or attention / MLP columns
+    _, src.dim, part = name
+    sizes = (w, ctx["mlp"]) if src.dim == 1 else (w, w, w, ctx["mlp"])
+    src.start, src.stop = sum(sizes[:part]), sum(sizes[:part + 1])
+  if path == "img_in.kernel" and ctx["in_perm"] is not None:
+    src.axis, src.perm = 0, ctx["in_perm"]
+  if path.startswith("proj_out.") and ctx["out_perm"] is not None:
+    src.axis, src.perm = (1 if path.endswith("kernel") else 0), ctx["out_perm"]
+  if path.startswith("final_mod.") and bfl:  # BFL (shift, scale) -> ours (scale, shift)
+    src.axis = 1 if path.endswith("kernel") else 0
+    src.perm = np.concatenate([np.arange(w, 2 * w), np.arange(w)])
+  return src
 
 
 def _value(var):
@@ -583,8 +576,8 @@ def _full_shapes(flat, sources):
 def load(path, model_or_state, variant=None, patch_order="hwc"):
   """Reads an MMDiT checkpoint (see the module docstring) into the parameters of
   `model_or_state` (an `MMDiT`, concrete or from nnx.eval_shape, or an nnx.State of its
-  Params); returns a new nnx.State of Params (float32 values of the parameters' dtype). A
-  module is also updated in place. variant: the expected variant ("flux", "sd3", "qwen"; a
+  Params); returns a new nnx.State of Params (in the parameters' dtypes). A module is also
+  updated in place. variant: the expected variant ("flux", "sd3", "qwen"; a
   module's own by default): a checkpoint of another is a UserError. patch_order: the patch
   vectors the loaded model takes and gives, "hwc" (ours, default) or "chw" (diffusers' packing)."""
   if patch_order not in PATCH_ORDERS:
@@ -623,7 +616,6 @@ def load(path, model_or_state, variant=None, patch_order="hwc"):
   if extra:
     raise UserError(f"{path}: tensor {extra[0]} has no parameter in the model ({len(extra)} unused): "
                     "set the model fields from the checkpoint (model_fields)")
-  import jax.numpy as jnp
   out = []
   for key, params in users.items():  # each tensor read once
     tensor = ckpt.get(key)
@@ -659,40 +651,46 @@ def export(model_state, cfg, out_dir, max_shard_bytes=10 ** 10, patch_order="hwc
   variant = cfg.mmdit.variant
   dims, sources = _sources(flat, variant, "diffusers", patch_order)
   config = _diffusers_config(cfg, dims)
-  shapes = _full_shapes(flat, sources)
-  tensors = {key: np.zeros(shape, np.float32) for key, shape in shapes.items()}
+  users = {}
   for dotted, _, var in flat:
-    src = sources[dotted]
-    array = np.asarray(_value(var), np.float32)
-    if src.perm is not None:
-      array = np.take(array, np.argsort(src.perm), axis=src.axis)
-    array = _to_torch(src.kind, array)
-    if src.dim is None:
-      tensors[src.key][...] = array
-    else:
-      index = [slice(None)] * array.ndim
-      index[src.dim] = slice(src.start, src.stop)
-      tensors[src.key][tuple(index)] = array
+    users.setdefault(sources[dotted].key, []).append((sources[dotted], var))
+  shapes = _full_shapes(flat, sources)
   if variant == "sd3":  # diffusers' persistent buffer
-    tensors["pos_embed.pos_embed"] = sd3_table(dims["width"], int(cfg.mmdit.pos_embed_max_size))[None]
+    shapes["pos_embed.pos_embed"] = (1, int(cfg.mmdit.pos_embed_max_size) ** 2, dims["width"])
+
+  def tensor(key):  # assembled from its parameters
+    if key == "pos_embed.pos_embed":
+      return sd3_table(dims["width"], int(cfg.mmdit.pos_embed_max_size))[None]
+    out = np.zeros(shapes[key], np.float32)
+    for src, var in users[key]:
+      array = np.asarray(_value(var), np.float32)
+      if src.perm is not None:
+        array = np.take(array, np.argsort(src.perm), axis=src.axis)
+      index = [slice(None)] * out.ndim
+      if src.dim is not None:
+        index[src.dim] = slice(src.start, src.stop)
+      out[tuple(index)] = _to_torch(src.kind, array)
+    return out
+
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
+  nbytes = {key: 4 * math.prod(shape) for key, shape in shapes.items()}
   shards, size = [[]], 0
-  for key, array in tensors.items():
-    if shards[-1] and size + array.nbytes > max_shard_bytes:
+  for key in shapes:  # one shard in memory at a time
+    if shards[-1] and size + nbytes[key] > max_shard_bytes:
       shards.append([])
       size = 0
     shards[-1].append(key)
-    size += array.nbytes
+    size += nbytes[key]
   if len(shards) == 1:
-    save_file(tensors, os.path.join(out_dir, WEIGHTS))
+    save_file({key: tensor(key) for key in shards[0]}, os.path.join(out_dir, WEIGHTS))
     return
   weight_map = {}
   for i, keys in enumerate(shards):
     name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file({k: np.ascontiguousarray(tensors[k]) for k in keys}, os.path.join(out_dir, name))
-    weight_map.update({k: name for k in keys})
+    save_file({key: tensor(key) for key in keys}, os.path.join(out_dir, name))
+    weight_map.update({key: name for key in keys})
   with open(os.path.join(out_dir, INDEX), "w") as f:
-    json.dump({"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
-               "weight_map": weight_map}, f, indent=2)
+    json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f,
+              indent=2)

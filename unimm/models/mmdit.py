@@ -322,7 +322,8 @@ def run_blocks(blocks, carry, step, *, scan, remat):
       continue
     split = [nnx.split(blocks[first + i]) for i in range(period * repeats)]
     graphs = tuple(g for g, _ in split[:period])
-    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[split[t * period + j][1] for t in range(repeats)])
+    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs),
+                            *[split[t * period + j][1] for t in range(repeats)])
                for j in range(period)]
     carry, _ = jax.lax.scan(body(graphs), carry, stacked)
   return carry
@@ -345,8 +346,8 @@ class MMDiT(nnx.Module):
     width, heads = cfg.width, cfg.heads
     head_dim = cfg.head_dim or width // heads
     if heads * head_dim != width:
-      raise UserError(f"model.width={width} is not model.heads={heads} x head_dim={head_dim}: the MMDiT's "
-                      "hidden width is heads * head_dim; change one of them")
+      raise UserError(f"model.width={width} is not model.heads={heads} x head_dim={head_dim}: the "
+                      "MMDiT's hidden width is heads * head_dim; change one of them")
     axes_dims = tuple(int(a) for a in m.axes_dims)
     if m.variant != "sd3" and (sum(axes_dims) != head_dim or any(a % 2 for a in axes_dims)):
       raise UserError(f"model.mmdit.axes_dims={axes_dims}: RoPE dims per axis must be even and sum to "
@@ -358,7 +359,8 @@ class MMDiT(nnx.Module):
       raise UserError("model.mmdit.variant='sd3' has no single-stream blocks (its last double block "
                       "drops the text stream): set model.mmdit.single_depth=0")
     if m.variant == "qwen" and m.pooled_dim:
-      raise UserError("model.mmdit.variant='qwen' takes no pooled text vector: set model.mmdit.pooled_dim=0")
+      raise UserError("model.mmdit.variant='qwen' takes no pooled text vector: set "
+                      "model.mmdit.pooled_dim=0")
     self.variant, self.axes_dims = m.variant, axes_dims
     self.width, self.heads, self.head_dim = width, heads, head_dim
     self.rope_theta, self.pos_embed_max_size = float(cfg.rope_theta), int(m.pos_embed_max_size)
@@ -373,7 +375,8 @@ class MMDiT(nnx.Module):
                 impl=cfg.attention)
 
     self.img_in = Dense(self.in_channels, width, ("patch", "embed"), rngs=rngs)
-    self.txt_norm = RMSNorm(self.context_dim, rngs=rngs, eps=cfg.norm_eps) if m.variant == "qwen" else None
+    self.txt_norm = (RMSNorm(self.context_dim, rngs=rngs, eps=cfg.norm_eps)
+                     if m.variant == "qwen" else None)
     self.txt_in = Dense(self.context_dim, width, (None, "embed"), rngs=rngs)
     self.time_in = Embed(T_FREQ_DIM, width, rngs=rngs)
     self.guidance_in = Embed(T_FREQ_DIM, width, rngs=rngs) if m.guidance_embed else None
@@ -406,7 +409,7 @@ class MMDiT(nnx.Module):
     ids = np.stack([np.full_like(r, frame), r, c], axis=-1).reshape(-1, 3)
     return ids.astype(np.float32)
 
-  def text_ids(self, n, rows=0, cols=0):
+  def text_ids(self, n, rows, cols):
     """[n, 3] float32 ids of n text tokens. flux / sd3: zeros. qwen: token j at m + j on all
     three axes with m = max(rows // 2, cols // 2) over the row's images (rows / cols: ints,
     or sequences with one entry per image), where diffusers QwenEmbedRope starts the text."""
@@ -431,7 +434,8 @@ class MMDiT(nnx.Module):
     temb = self.time_in(timestep_features(t, self.variant == "qwen").astype(dtype))
     if self.guidance_in is not None:
       if guidance is None:
-        raise UserError("this MMDiT embeds the guidance scale (model.mmdit.guidance_embed): pass guidance")
+        raise UserError("this MMDiT embeds the guidance scale (model.mmdit.guidance_embed): "
+                        "pass guidance")
       temb = temb + self.guidance_in(timestep_features(guidance).astype(dtype))
     elif guidance is not None:
       raise UserError("guidance given but model.mmdit.guidance_embed is False")
