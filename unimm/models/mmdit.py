@@ -35,7 +35,9 @@ The module is layout-agnostic: a linear in, a linear out. The order of a patch v
 the checkpoint loader's business (`unimm.interop.diffusers_mmdit`, patch_order).
 
 Attention goes through `layers.attention` with mask ids that make every valid token of a
-row see every valid token (one segment, one clean image) and never padding. model.scan runs
+row see every valid token (one segment, one clean image) and never padding; it runs over the
+tokens reordered valid-first (`JointMask`: padded text sits between text and image tokens, and
+the flash kernels need the valid ones contiguous), and the outputs go back. model.scan runs
 repeated blocks as `jax.lax.scan` over stacked parameters (double and single blocks as two
 units; the sd3 context_pre_only block outside); model.remat wraps each block (or scanned
 step) in `jax.checkpoint` with `layers.REMAT[model.remat]`.
@@ -43,6 +45,7 @@ step) in `jax.checkpoint` with `layers.REMAT[model.remat]`.
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -210,19 +213,33 @@ def timestep_features(t, scale_last=False):
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def joint_ids(txt_mask, img_mask):
-  """Mask ids of the joint sequence [txt; img]: every valid token in segment 1, one clean
-  image, position 0 (all see all); padding segment 0, image 0 (seen by no valid token)."""
-  valid = jnp.concatenate([txt_mask, img_mask], axis=1).astype(jnp.int32)
-  return MaskIds(segment=valid, modality=valid * CLEAN_IMAGE, image=valid,
-                 position=jnp.zeros_like(valid))
+class JointMask(NamedTuple):
+  """Who attends to whom in the joint sequence [txt; img]. The attention runs over the tokens
+  in `order` (valid ones first, then padding) so that the valid tokens form one contiguous
+  run, as the flash kernels' tile ranges need (`unimm.kernels.mask`: each segment and image
+  contiguous); `ids` are the mask ids in that order: every valid token in segment 1, one clean
+  image, position 0 (all see all), padding segment 0, image 0 (seen by no valid token)."""
+  ids: MaskIds
+  order: jax.Array    # [B, L] int32: the joint index of the token at each attention position
+  restore: jax.Array  # [B, L] int32: the attention position of each joint index
 
 
-def joint_attention(q, k, v, ids, rope, impl):
+def joint_mask(txt_mask, img_mask):
+  valid = jnp.concatenate([txt_mask, img_mask], axis=1)
+  order = jnp.argsort(jnp.logical_not(valid), axis=1, stable=True).astype(jnp.int32)
+  v = jnp.take_along_axis(valid, order, axis=1).astype(jnp.int32)
+  ids = MaskIds(segment=v, modality=v * CLEAN_IMAGE, image=v, position=jnp.zeros_like(v))
+  return JointMask(ids, order, jnp.argsort(order, axis=1).astype(jnp.int32))
+
+
+def joint_attention(q, k, v, mask: JointMask, rope, impl):
+  """Attention over the joint sequence (q, k, v [B, L, H, D] in [txt; img] order), RoPE first."""
   if rope is not None:
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-  o = checkpoint_name(layers.attention(q, k, v, ids, ids, impl), "context")
-  return constrain(o, ("batch", "length", "act_heads", None))
+  gather = lambda x, index: jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+  q, k, v = (gather(x, mask.order) for x in (q, k, v))
+  o = checkpoint_name(layers.attention(q, k, v, mask.ids, mask.ids, impl), "context")
+  return constrain(gather(o, mask.restore), ("batch", "length", "act_heads", None))
 
 
 # ------------------------------------------------------------------ blocks
@@ -245,7 +262,7 @@ class DoubleBlock(nnx.Module):
     self.context_pre_only = context_pre_only
     self.eps, self.impl = dims["eps"], dims["impl"]
 
-  def __call__(self, img, txt, vec, ids, rope):
+  def __call__(self, img, txt, vec, mask, rope):
     eps = self.eps
     i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
     if self.context_pre_only:
@@ -255,7 +272,7 @@ class DoubleBlock(nnx.Module):
     iq, ik, iv = self.img_attn.qkv(modulate(img, i_shift1, i_scale1, eps))
     tq, tk, tv = self.txt_attn.qkv(modulate(txt, t_shift1, t_scale1, eps))
     cat = lambda a, b: jnp.concatenate([a, b], axis=1)
-    o = joint_attention(cat(tq, iq), cat(tk, ik), cat(tv, iv), ids, rope, self.impl)
+    o = joint_attention(cat(tq, iq), cat(tk, ik), cat(tv, iv), mask, rope, self.impl)
     lt = txt.shape[1]
     img = constrain(img + i_gate1 * self.img_attn.out(o[:, lt:]), ACT)
     img = constrain(img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2, eps)), ACT)
@@ -282,10 +299,10 @@ class SingleBlock(nnx.Module):
     self.out_bias = param(rngs, (w,), ("embed",), zeros=True)
     self.eps, self.impl = dims["eps"], dims["impl"]
 
-  def __call__(self, x, vec, ids, rope):
+  def __call__(self, x, vec, mask, rope):
     shift, scale, gate = self.mod(vec)
     y = modulate(x, shift, scale, self.eps)
-    o = joint_attention(*self.attn.qkv(y), ids, rope, self.impl)
+    o = joint_attention(*self.attn.qkv(y), mask, rope, self.impl)
     m = checkpoint_name(y @ self.mlp_in.value, "mlp_in") + self.mlp_in_bias.value
     m = constrain(jax.nn.gelu(m, approximate=True), ("batch", "length", "act_mlp"))
     out = (checkpoint_name(jnp.einsum("blhk,hkd->bld", o, self.attn_out.value), "attn_out")
@@ -460,20 +477,20 @@ class MMDiT(nnx.Module):
       c = self.txt_norm(c)
     c = constrain(self.txt_in(c), ACT)
     vec = jax.nn.silu(self.conditioning(t, pooled, guidance))
-    ids = joint_ids(txt_mask, img_mask)
+    mask = joint_mask(txt_mask, img_mask)
     rope = None
     if self.variant != "sd3":
       angles = rope_angles(jnp.concatenate([txt_ids, img_ids], axis=1), self.axes_dims, self.rope_theta)
       rope = (jnp.cos(angles), jnp.sin(angles))
 
     def double(block, carry):
-      return block(*carry, vec, ids, rope)
+      return block(*carry, vec, mask, rope)
 
     x, c = run_blocks(self.double_blocks, (x, c), double, scan=self.scan, remat=self.remat)
     if len(self.single_blocks):
       lt = c.shape[1]
       joint = run_blocks(self.single_blocks, jnp.concatenate([c, x], axis=1),
-                         lambda block, h: block(h, vec, ids, rope), scan=self.scan, remat=self.remat)
+                         lambda block, h: block(h, vec, mask, rope), scan=self.scan, remat=self.remat)
       x = joint[:, lt:]
     scale, shift = self.final_mod(vec)
     return self.proj_out(modulate(x, shift, scale, self.eps)).astype(jnp.float32)
