@@ -6,7 +6,7 @@ attention over the sequence [txt; img] (`DoubleBlock`). FLUX continues with sing
 blocks over that concatenation (parallel attention + MLP, `SingleBlock`). The modulation of
 every block comes from one vector: the timestep embedding, plus the distilled guidance scale
 (FLUX.1-dev) and the pooled text vector (CLIP: FLUX, SD3). The output is the velocity
-(`unimm.objectives`: x_t = (1-t) x0 + t eps, v = eps - x0) of every image token.
+(`unimm.objectives.flow`: x_t = (1-t) x0 + t eps, v = eps - x0) of every image token.
 
     model(img, txt, t, img_ids, txt_ids, img_mask, txt_mask, pooled=None, guidance=None)
       img      [B, Li, in]   patch vectors: x_t of the target, then any reference images (Kontext)
@@ -384,6 +384,9 @@ class MMDiT(nnx.Module):
     self.scan, self.remat = bool(cfg.scan), layers.check_remat(cfg.remat)
     self.in_channels = int(m.in_channels or patch_dim)
     self.out_channels = int(m.out_channels or patch_dim)
+    if self.in_channels <= 0 or self.out_channels <= 0:
+      raise UserError("the MMDiT needs patch vectors: set model.mmdit.in_channels / out_channels (64 "
+                      "for 16-channel latents in 2 x 2 patches) or use an image tokenizer with patches")
     self.context_dim = int(m.context_dim or width)
     self.pooled_dim = int(m.pooled_dim)
     self.eps = cfg.norm_eps
