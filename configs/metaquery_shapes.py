@@ -20,6 +20,7 @@ def get_config():
   c = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmdit_shapes.py"))
   c.model.condition.update(encoder="metaquery", llm="runs/demo", depth=2)
   c.model.mmdit.update(edit="none")
+  c.model.edit_source = "none"  # text to image only
   c.data.tasks = dict(t2i=1.0)
   c.data.image_dropout = 0.0
   return c

@@ -1,11 +1,13 @@
 """An MMDiT (FLUX layout: double- then single-stream blocks, 3-axis RoPE) trained from scratch on
 Shapes text-to-image and edits, on 32x32 pixels in 8x8 patches (16 image tokens), with a small
-trainable text encoder; edits by InstructPix2Pix-style channel concatenation of the source.
+trainable text encoder; edits by InstructPix2Pix-style channel concatenation of the source, the
+x0 prediction of an edit target relative to that source (model.edit_source="residual").
 
     python -m unimm.train --config configs/mmdit_shapes.py --workdir runs/mmdit_shapes
 
-One document per row (112 positions: the text stream holds the document's text and special
-tokens, the image stream the target's 16 tokens), 32 rows a step. Condition dropout trains the
+One document per row (96 positions: the text stream holds the document's text and special
+tokens, at most 80, the image stream the target's 16 tokens; the rare longer document is
+skipped and counted), 16 rows a step. Condition dropout trains the
 three branches of two-scale guidance (text 10%, source image 10%, independently).
 model.mmdit.edit="kontext" appends the source to the image stream instead (RoPE frame 1).
 """
@@ -16,14 +18,14 @@ from unimm.config import defaults
 def get_config():
   c = defaults()
   c.model.update(family="mmdit", width=128, depth=2, heads=4, head_dim=32, qkv_bias=True,
-                 qk_norm=True, patch_size=8, prediction="x0")
+                 qk_norm=True, patch_size=8, prediction="x0", edit_source="residual")
   c.model.mmdit.update(variant="flux", single_depth=2, axes_dims=(8, 12, 12), pooled_dim=128,
                        edit="concat")
-  c.model.condition.update(encoder="text", depth=2)
-  c.data.update(image_size=32, seq_len=112, batch_size=32, docs_per_row=1, cfg_dropout=0.1,
+  c.model.condition.update(encoder="text", depth=1)
+  c.data.update(image_size=32, seq_len=96, batch_size=16, docs_per_row=1, cfg_dropout=0.1,
                 image_dropout=0.1, two_object_prob=0.3)
   c.data.tasks = dict(t2i=0.6, edit=0.4)
   c.optim.update(lr=2e-3, warmup_steps=100)
-  c.train.update(steps=2000, log_every=100, ckpt_every=500, time_limit_s=720.0)
+  c.train.update(steps=2400, log_every=100, ckpt_every=600, time_limit_s=780.0)
   c.sample.update(steps=25, cfg_scale=4.0, image_cfg_scale=1.5)
   return c

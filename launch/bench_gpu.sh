@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The train-step benchmark on one bare GPU machine, against the PyTorch peers, in ~6-10 minutes.
+# The train-step benchmark on one bare GPU machine, against the PyTorch peers, in ~8-13 minutes.
 #
 #   launch/bench_gpu.sh OUTDIR            (or: make bench-gpu OUT=OUTDIR)
 #
@@ -15,6 +15,7 @@
 #   dense_1b        --peers  (transformers LlamaForCausalLM)
 #   moe_2b          --peers  (transformers Qwen3MoeForCausalLM)
 #   transfusion_1b  --peers  (packed Shapes batches: no peer, it says so)
+#   mmdit_2b        --peers  (diffusers FluxTransformer2DModel; diffusers from .whl/ if missing)
 #   --attention              (xla / flash / cudnn, causal and unified masks)
 # with BENCH_WARMUP (3) + BENCH_STEPS (10) steps each, and BENCH_ARGS (more flags for the three
 # configs, e.g. "--config.model.remat=save_dots"). OUTDIR gets results.jsonl (every JSON
@@ -39,6 +40,10 @@ missing=()
 for pair in grain:grain ml_collections:ml-collections array_record:array-record portpicker:portpicker; do
   "$py" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done
+# diffusers (the MMDiT's peer) when its wheel came along
+if ! "$py" -c "import diffusers" 2>/dev/null && compgen -G ".whl/diffusers-*.whl" >/dev/null; then
+  missing+=(diffusers)
+fi
 # tokamax (model.moe.impl="auto" on GPU: its grouped matmul) when its wheels came along
 if ! "$py" -c "import tokamax" 2>/dev/null && compgen -G ".whl/tokamax-*.whl" >/dev/null; then
   missing+=(tokamax)
@@ -76,9 +81,9 @@ run() {  # run NAME SECONDS ARGS...: one benchmark, its log in OUTDIR/NAME.log
   [ "$rc" -eq 0 ] || { failed+=("$name"); tail -n 5 "$out/$name.log"; }
 }
 
-for name in dense_1b moe_2b transfusion_1b; do
+for name in dense_1b moe_2b transfusion_1b mmdit_2b; do
   case $name in
-    moe_2b) limit=180 ;;
+    moe_2b|mmdit_2b) limit=180 ;;
     transfusion_1b) limit=140 ;;
     *) limit=150 ;;
   esac

@@ -417,3 +417,29 @@ def test_checkpoint_errors_are_one_line(flux, tmp_path):
   with pytest.raises(UserError, match="dual_attention_layers"):
     diffusers_mmdit.model_fields({"_class_name": "SD3Transformer2DModel", "pos_embed_max_size": 96,
                                   "dual_attention_layers": [0, 1]})
+
+
+def test_training_starts_from_a_diffusers_checkpoint(tmp_path):
+  """model.init_from (family "mmdit"): the checkpoint's fields replace the config's, its weights
+  start the MMDiT of the train state; the text encoder is initialised."""
+  import jax
+  from unimm.train.loop import Run
+  reference = _perturb(diffusers.FluxTransformer2DModel(
+      patch_size=1, in_channels=192, num_layers=1, num_single_layers=1, pooled_projection_dim=32,
+      guidance_embeds=False, axes_dims_rope=(4, 6, 6), num_attention_heads=2,
+      attention_head_dim=16, joint_attention_dim=32), seed=2)
+  reference.save_pretrained(tmp_path / "flux")
+  cfg = config_lib.defaults()
+  cfg.model.update(family="mmdit", width=64, heads=4, patch_size=8, init_from=str(tmp_path / "flux"))
+  cfg.model.mmdit.update(edit="none", pooled_dim=32)
+  cfg.model.condition.depth = 0
+  cfg.data.update(image_size=16, seq_len=32, batch_size=2, docs_per_row=1)
+  cfg.mesh.data = 1
+  run = Run(cfg, str(tmp_path / "run"), devices=jax.devices()[:1], with_data=False)
+  assert (cfg.model.width, cfg.model.heads, cfg.model.depth) == (32, 2, 1)
+  params = jax.device_get(run.restore_or_init()["params"])
+  want = diffusers_mmdit.load(tmp_path / "flux", params["mmdit"], "flux")
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(params["mmdit"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  w = reference.x_embedder.weight.detach().numpy()  # our (ph, pw, c) rows of its (c, ph, pw) input
+  assert not np.array_equal(np.asarray(params["mmdit"]["img_in"]["kernel"]), w.T)

@@ -212,6 +212,13 @@ def test_metaquery_trains_queries_through_a_frozen_llm(vocab_size, tmp_path):
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
   before = jax.device_get(state["params"])
+  # the queries start as the LLM's input for a pure-noise image (position + modality + t = 1)
+  from unimm.models.layers import timestep_embedding
+  temb = np.asarray(timestep_embedding(np.ones((1,), np.float32), 256))
+  val = lambda name: np.asarray(getattr(want[name], "value", want[name]))
+  start = (val("patch_pos") + val("modality_embed")[NOISED_IMAGE]
+           + np.asarray(jax.nn.silu(temb @ val("t_in")) @ val("t_out")))
+  np.testing.assert_allclose(np.asarray(before["queries"]), start, rtol=1e-5, atol=1e-6)
   state, m = run.trainer.step(state, run.next_batch(), run.rng)
   after = jax.device_get(state["params"])
   for a, b in zip(jax.tree.leaves(before["llm"]), jax.tree.leaves(after["llm"])):

@@ -219,9 +219,24 @@ def attention_backend():
           else str(name))
 
 
-def timed(spec, step, cuda):
-  """(the loss after the warm-up and timed steps, the timed steps' seconds)."""
+def train_timed(spec, model, loss_fn, cuda, device):
+  """Trains `model` on loss_fn() (AdamW, gradient clipping, bf16 autocast on CUDA when spec asks)
+  for spec's warm-up and timed steps: (the last loss, the timed steps' seconds)."""
   import torch
+  o = spec["optim"]
+  bf16 = cuda and spec["bf16"]
+  opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["b1"], o["b2"]),
+                          weight_decay=o["weight_decay"], fused=cuda)
+
+  def step():
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+      loss = loss_fn()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_norm"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
   for _ in range(spec["warmup"]):
     loss = step()
   times = []
@@ -245,9 +260,7 @@ def run_flux(spec):
   torch.manual_seed(spec["seed"])
   model = build(spec, device)
   model.train()
-  o, f = spec["optim"], spec["flux"]
-  opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["b1"], o["b2"]),
-                          weight_decay=o["weight_decay"], fused=cuda)
+  f = spec["flux"]
   b, n, lt, g = spec["batch"], spec["image_tokens"], spec["text_tokens"], spec["grid"]
   hidden = torch.randn(b, n, f["in_channels"], device=device)
   context = torch.randn(b, lt, f["joint_attention_dim"], device=device)
@@ -259,19 +272,13 @@ def run_flux(spec):
   guidance = torch.ones(b, device=device) if f["guidance_embeds"] else None
   target = torch.randn(b, n, f["out_channels"], device=device)
 
-  def step():
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-      out = model(hidden_states=hidden, encoder_hidden_states=context, pooled_projections=pooled,
-                  timestep=t, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
-                  return_dict=False)[0]
-      loss = torch.nn.functional.mse_loss(out.float(), target)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_norm"])
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+  def loss_fn():
+    out = model(hidden_states=hidden, encoder_hidden_states=context, pooled_projections=pooled,
+                timestep=t, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
+                return_dict=False)[0]
+    return torch.nn.functional.mse_loss(out.float(), target)
 
-  loss, times = timed(spec, step, cuda)
+  loss, times = train_timed(spec, model, loss_fn, cuda, device)
   return {
       "peer": f"diffusers {type(model).__name__}",
       "attention_backend": attention_backend(),
@@ -302,22 +309,9 @@ def run(spec):
   torch.manual_seed(spec["seed"])
   model = build(spec, device)
   model.train()
-  o = spec["optim"]
-  opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["b1"], o["b2"]),
-                          weight_decay=o["weight_decay"], fused=cuda)
   b, l = spec["batch"], spec["seq_len"]
   ids = torch.randint(0, spec["hf"]["vocab_size"], (b, l), device=device)
-
-  def step():
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-      loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_norm"])
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
-
-  loss, times = timed(spec, step, cuda)
+  loss, times = train_timed(spec, model, lambda: model(input_ids=ids, labels=ids).loss, cuda, device)
   return {
       "peer": f"transformers {type(model).__name__}",
       "attn_implementation": model.config._attn_implementation,

@@ -58,7 +58,9 @@ def defaults() -> ml_collections.ConfigDict:
       norm_eps=1e-6,       # RMSNorm epsilon
       tie_embeddings=False,  # the LM head is the transposed embedding table
       init_from="",        # a local Hugging Face LLM directory (Llama, Qwen2/2.5, Qwen3, Qwen3-MoE): its
-                           # architecture fields replace these and its weights initialise the text model
+                           # architecture fields replace these and its weights initialise the text model;
+                           # family "mmdit": a diffusers FLUX / SD3 / Qwen-Image transformer directory (or
+                           # a BFL FLUX .safetensors file) initialises the MMDiT
       moe=dict(            # routed feed-forward (HunyuanImage 3.0, Qwen3-MoE); experts=0: dense blocks
           experts=0,       # routed experts per MoE block
           top_k=2,         # experts per token

@@ -14,7 +14,8 @@ From each row the model takes two streams, by position:
      "llm"        the final hidden states of a frozen LLM at its text positions; the LLM reads
                   the whole document, an edit's source image included (Qwen-Image)
      "metaquery"  N learnable queries in place of the target image's tokens in the frozen
-                  LLM's input; their last hidden states through a trainable connector (MetaQuery)
+                  LLM's input; their last hidden states through a trainable connector (MetaQuery);
+                  in the MMDiT each keeps the RoPE position of the image token it replaced
 
 The frozen LLM (model.condition.llm: a unimm training workdir of the unified model) is part of
 the parameters, loaded from its checkpoint at the start of training; its parameters get no
@@ -184,6 +185,12 @@ class DiffusionModel(nnx.Module):
     if self.edit == "concat" and not m.mmdit.in_channels:
       mcfg.mmdit.in_channels = 2 * patcher.patch_dim
     self.guidance = bool(m.mmdit.guidance_embed)
+    # model.edit_source="residual": the x0 prediction of an edit target is relative to its
+    # aligned source (as in the unified model)
+    self.edit_residual = m.edit_source == "residual"
+    if self.edit_residual and m.prediction != "x0":
+      raise UserError("model.edit_source='residual' predicts x0 relative to the source: it needs "
+                      "model.prediction='x0'")
     self.mmdit = MMDiT(mcfg, patch_dim=patcher.patch_dim, rngs=rngs)
 
   # ------------------------------------------------------------------ streams
@@ -238,17 +245,20 @@ class DiffusionModel(nnx.Module):
     return self.connector(q, target_ok), target_ok
 
   def __call__(self, batch, x_t, t, guidance=None):
-    """The model's prediction (model.prediction: velocity or x0) for the target tokens:
-    x_t [B, N, D] the noised target, t [B] -> [B, N, D] float32."""
+    """The model's prediction (model.prediction: velocity or x0; with model.edit_source
+    "residual" an x0 relative to the aligned source) for the target tokens: x_t [B, N, D] the
+    noised target, t [B] -> [B, N, D] float32."""
     idx, ok = self.target_tokens(batch)
     txt, txt_mask = self.condition(batch, idx, ok)
     dtype = txt.dtype
     img, img_mask = x_t.astype(dtype), ok
     frames = [0]
-    if self.edit == "concat":
+    source = None
+    if self.edit == "concat" or self.edit_residual:
       src, has = aligned_source(batch["segment_ids"], batch["modality"], batch["image_ids"])
-      source = jnp.where(has[..., None], gather(batch["patches"], src), 0.0)
-      img = jnp.concatenate([img, gather(source, idx).astype(dtype)], axis=-1)
+      source = gather(jnp.where(has[..., None], gather(batch["patches"], src), 0.0), idx)
+    if self.edit == "concat":
+      img = jnp.concatenate([img, source.astype(dtype)], axis=-1)
     if self.references:
       ref, ref_ok = self._reference_tokens(batch)
       img = jnp.concatenate([img, gather(batch["patches"], ref).astype(dtype)], axis=1)
@@ -257,6 +267,8 @@ class DiffusionModel(nnx.Module):
     g = self.grid
     img_ids = np.concatenate([self.mmdit.image_ids(g, g, frame=f) for f in frames])
     txt_ids = self.mmdit.text_ids(txt.shape[1], g, g)
+    if self.encoder_kind == "metaquery":  # query i carries the place of the image token it replaced
+      txt_ids = self.mmdit.image_ids(g, g)
     b = x_t.shape[0]
     pooled = None
     if self.pooled:
@@ -267,7 +279,8 @@ class DiffusionModel(nnx.Module):
     out = self.mmdit(img, txt, t, jnp.broadcast_to(jnp.asarray(img_ids), (b,) + img_ids.shape),
                      jnp.broadcast_to(jnp.asarray(txt_ids), (b,) + txt_ids.shape), img_mask, txt_mask,
                      pooled=pooled, guidance=guidance if self.guidance else None)
-    return out[:, :self.tokens].astype(jnp.float32)
+    out = out[:, :self.tokens].astype(jnp.float32)
+    return out + source.astype(jnp.float32) if self.edit_residual else out
 
 
 def frozen_params(params):

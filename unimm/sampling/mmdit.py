@@ -19,17 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimm.data import document as D
 from unimm.data.pipeline import encode_document
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import encode_images, frozen_variables
 from unimm.objectives import flow
-from unimm.sampling.sampler import _round_up, _stack
+from unimm.sampling.sampler import Prompts, _round_up, _stack
 
 SOLVERS = ("euler", "heun")
 
 
-class DiffusionSampler:
+class DiffusionSampler(Prompts):
   """The MMDiT's parameters plus its jitted prediction; `text_to_image`, `edit` (and, with a
   frozen LLM in the conditioner, `image_to_text` by that LLM)."""
 
@@ -61,10 +60,13 @@ class DiffusionSampler:
     return flow.velocity(pred, x, jnp.broadcast_to(t[:, None], x.shape[:2]),
                          self.cfg.model.prediction, self.cfg.flow.t_min)
 
-  def _batch(self, docs):
-    enc = [encode_document(d, self.tok, self.patcher) for d in docs]
-    b = _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), False)
-    return self._encode_images(frozen_variables(self.patcher), jax.tree.map(jnp.asarray, b))
+  def _batches(self, sets):
+    """Each list of documents as one device batch, all padded to one length (one compile)."""
+    enc = [[encode_document(d, self.tok, self.patcher) for d in docs] for docs in sets]
+    length = _round_up(max(len(e["tokens"]) for docs in enc for e in docs))
+    return [self._encode_images(frozen_variables(self.patcher),
+                                jax.tree.map(jnp.asarray, _stack(docs, length, False)))
+            for docs in enc]
 
   def _generate(self, cond_docs, uncond_docs, seed, null_docs=None):
     s = self.cfg.sample
@@ -74,7 +76,7 @@ class DiffusionSampler:
       sets.append(uncond_docs)
     if null_docs is not None and image_scale != 1.0:
       sets.append(null_docs)
-    batches = [self._batch(docs) for docs in sets]
+    batches = self._batches(sets)
     n, N, Dp = len(cond_docs), self.patcher.num_patches, self.patcher.patch_dim
     guidance = jnp.full((n,), float(s.guidance), jnp.float32) if self.guidance_embed else None
 
@@ -98,23 +100,6 @@ class DiffusionSampler:
         x_next = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
       x = x_next
     return np.asarray(self.patcher.decode(np.asarray(x)))
-
-  def _blank(self):
-    size = self.patcher.image_size
-    return np.zeros((size, size, 3), np.uint8)
-
-  def text_to_image(self, prompts, seed=0):
-    cond = [D.document("t2i", [D.text(p), D.image(self._blank(), "target")]) for p in prompts]
-    uncond = [D.document("t2i", [D.image(self._blank(), "target")]) for _ in prompts]
-    return self._generate(cond, uncond, seed)
-
-  def edit(self, images, instructions, seed=0):
-    cond = [D.document("edit", [D.image(im, "condition"), D.text(s), D.image(self._blank(), "target")])
-            for im, s in zip(images, instructions)]
-    uncond = [D.document("edit", [D.image(im, "condition"), D.image(self._blank(), "target")])
-              for im in images]
-    null = [D.document("edit", [D.image(self._blank(), "target")]) for _ in images]
-    return self._generate(cond, uncond, seed, null)
 
   def image_to_text(self, images, prompts=None, seed=0):
     if self.llm is None:

@@ -57,7 +57,30 @@ def _round_up(n, k=16):
   return -(-n // k) * k
 
 
-class Sampler:
+class Prompts:
+  """Text-to-image and edit prompts as documents (as training builds them), for a sampler
+  whose `_generate(cond, uncond, seed, null=None)` draws the images: the unconditional branch
+  without the text, the null branch (edits, two-scale guidance) without the source either."""
+
+  def _blank(self):
+    s = self.patcher.image_size
+    return np.zeros((s, s, 3), np.uint8)
+
+  def text_to_image(self, prompts, seed=0):
+    cond = [D.document("t2i", [D.text(p), D.image(self._blank(), "target")]) for p in prompts]
+    uncond = [D.document("t2i", [D.image(self._blank(), "target")]) for _ in prompts]
+    return self._generate(cond, uncond, seed)
+
+  def edit(self, images, instructions, seed=0):
+    cond = [D.document("edit", [D.image(im, "condition"), D.text(s), D.image(self._blank(), "target")])
+            for im, s in zip(images, instructions)]
+    uncond = [D.document("edit", [D.image(im, "condition"), D.image(self._blank(), "target")])
+              for im in images]
+    null = [D.document("edit", [D.image(self._blank(), "target")]) for _ in images]
+    return self._generate(cond, uncond, seed, null)
+
+
+class Sampler(Prompts):
   """Holds a model's graphdef and parameters plus the jitted forward passes."""
 
   def __init__(self, graphdef, params, cfg, tokenizer, patcher):
@@ -242,23 +265,6 @@ class Sampler:
       rank = jnp.argsort(jnp.argsort(conf, axis=-1), axis=-1)
       ids = jnp.where(rank < keep_masked, p.mask_id, cand)
     return p.decode(np.asarray(ids))
-
-  def _blank(self):
-    s = self.patcher.image_size
-    return np.zeros((s, s, 3), np.uint8)
-
-  def text_to_image(self, prompts, seed=0):
-    cond = [D.document("t2i", [D.text(p), D.image(self._blank(), "target")]) for p in prompts]
-    uncond = [D.document("t2i", [D.image(self._blank(), "target")]) for _ in prompts]
-    return self._generate(cond, uncond, seed)
-
-  def edit(self, images, instructions, seed=0):
-    cond = [D.document("edit", [D.image(im, "condition"), D.text(s), D.image(self._blank(), "target")])
-            for im, s in zip(images, instructions)]
-    uncond = [D.document("edit", [D.image(im, "condition"), D.image(self._blank(), "target")])
-              for im in images]
-    null = [D.document("edit", [D.image(self._blank(), "target")]) for _ in images]
-    return self._generate(cond, uncond, seed, null)
 
   # ---------------------------------------------------------------- text
 

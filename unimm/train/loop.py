@@ -51,8 +51,13 @@ class Run:
   def __init__(self, cfg, workdir, devices=None, with_data=True):
     """with_data=False (sampling): no data pipeline is built and its state is not restored."""
     if cfg.model.init_from:  # the checkpoint's architecture fields replace the config's
-      from unimm.interop.hf_llm import apply_model_fields
-      apply_model_fields(cfg, cfg.model.init_from)
+      if cfg.model.family == "mmdit":  # a diffusers transformer (or a BFL FLUX file)
+        from unimm.interop.diffusers_mmdit import apply_model_fields
+        if os.path.isdir(cfg.model.init_from):
+          apply_model_fields(cfg, cfg.model.init_from)
+      else:
+        from unimm.interop.hf_llm import apply_model_fields
+        apply_model_fields(cfg, cfg.model.init_from)
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
     self.mesh = make_mesh(cfg.mesh, devices)
     check_batch_fits_mesh(cfg, self.mesh)

@@ -144,9 +144,15 @@ class Trainer:
   def from_pretrained(self, state, path):
     """A fresh state whose text model is the Hugging Face checkpoint at `path`
     (model.init_from): its weights converted in, the image side and the optimizer
-    state as initialised."""
-    from unimm.interop import hf_llm
-    params = hf_llm.load_params(path, jax.device_get(state["params"]), self.cfg)
+    state as initialised. For the MMDiT: the diffusers transformer (or BFL FLUX file) at
+    `path` initialises the MMDiT, the conditioner as initialised."""
+    params = jax.device_get(state["params"])
+    if self.mmdit:
+      from unimm.interop import diffusers_mmdit  # pylint: disable=import-outside-toplevel
+      params["mmdit"] = diffusers_mmdit.load(path, params["mmdit"], self.cfg.model.mmdit.variant)
+    else:
+      from unimm.interop import hf_llm  # pylint: disable=import-outside-toplevel
+      params = hf_llm.load_params(path, params, self.cfg)
     params = jax.device_put(params, self.param_shardings)
     init_opt = jax.jit(lambda p: {"params": p, "opt_state": self.tx.init(p),
                                   "step": jnp.zeros((), jnp.int32)},
@@ -249,7 +255,7 @@ def load_llm(params, cfg):
   if hf:
     from unimm.interop.hf_llm import load_params  # pylint: disable=import-outside-toplevel
     params["llm"] = load_params(path, params["llm"], llm_cfg)
-    return params
+    return start_queries(params)
   llm_cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
   ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1)
   step = ckpt.latest_step()
@@ -271,4 +277,27 @@ def load_llm(params, cfg):
                       f"{tuple(leaf.shape)} here")
     out.append(np.asarray(found[name], leaf.dtype))
   params["llm"] = jax.tree.unflatten(treedef, out)
+  return start_queries(params)
+
+
+def start_queries(params):
+  """MetaQuery: the learnable queries start as the LLM's own input at a target image's
+  positions when that image is pure noise (t = 1, patches 0): position + modality + time
+  embedding, so the frozen LLM reads them as a picture it is asked to draw."""
+  if "queries" not in params:
+    return params
+  from unimm.batch import NOISED_IMAGE  # pylint: disable=import-outside-toplevel
+  from unimm.models.layers import timestep_embedding  # pylint: disable=import-outside-toplevel
+  from unimm.models.unified import T_FREQ_DIM  # pylint: disable=import-outside-toplevel
+  llm = jax.tree.map(np.asarray, params["llm"])
+  value = lambda name: np.asarray(getattr(llm[name], "value", llm[name]))
+  start = value("patch_pos") + value("modality_embed")[NOISED_IMAGE]
+  if "t_in" in llm and llm["t_in"] is not None:
+    temb = np.asarray(timestep_embedding(np.ones((1,), np.float32), T_FREQ_DIM))
+    start = start + np.asarray(jax.nn.silu(temb @ value("t_in")) @ value("t_out"))
+  queries = params["queries"]
+  if hasattr(queries, "value"):
+    queries.value = start.astype(queries.value.dtype)
+  else:
+    params["queries"] = start.astype(queries.dtype)
   return params
