@@ -219,6 +219,17 @@ def attention_backend():
           else str(name))
 
 
+def start(spec):
+  """(the peer model of spec in training mode, seeded; cuda?, its device, bf16 autocast?)."""
+  import torch
+  cuda = torch.cuda.is_available()
+  device = "cuda" if cuda else "cpu"
+  torch.manual_seed(spec["seed"])
+  model = build(spec, device)
+  model.train()
+  return model, cuda, device, cuda and spec["bf16"]
+
+
 def train_timed(spec, model, loss_fn, cuda, device):
   """Trains `model` on loss_fn() (AdamW, gradient clipping, bf16 autocast on CUDA when spec asks)
   for spec's warm-up and timed steps: (the last loss, the timed steps' seconds)."""
@@ -254,12 +265,7 @@ def run_flux(spec):
   docstring); returns its JSON record."""
   import diffusers
   import torch
-  cuda = torch.cuda.is_available()
-  device = "cuda" if cuda else "cpu"
-  bf16 = cuda and spec["bf16"]
-  torch.manual_seed(spec["seed"])
-  model = build(spec, device)
-  model.train()
+  model, cuda, device, bf16 = start(spec)
   f = spec["flux"]
   b, n, lt, g = spec["batch"], spec["image_tokens"], spec["text_tokens"], spec["grid"]
   hidden = torch.randn(b, n, f["in_channels"], device=device)
@@ -303,12 +309,7 @@ def run(spec):
     return run_flux(spec)
   import torch
   import transformers
-  cuda = torch.cuda.is_available()
-  device = "cuda" if cuda else "cpu"
-  bf16 = cuda and spec["bf16"]
-  torch.manual_seed(spec["seed"])
-  model = build(spec, device)
-  model.train()
+  model, cuda, device, bf16 = start(spec)
   b, l = spec["batch"], spec["seq_len"]
   ids = torch.randint(0, spec["hf"]["vocab_size"], (b, l), device=device)
   loss, times = train_timed(spec, model, lambda: model(input_ids=ids, labels=ids).loss, cuda, device)
