@@ -176,8 +176,8 @@ def mmdit_loss(model, batch, rng, cfg):
   """Flow matching of the MMDiT (`unimm.models.conditioning.DiffusionModel`) on the first target
   image of each row (one document per row): t per row (logit-normal, shifted by flow.shift_kind),
   x_t = (1 - t) x0 + t eps, loss |v - (eps - x0)|^2 averaged over the target tokens.
-  mmdit_refs / mmdit_unaligned count reference images used and edit targets whose source had
-  another size (Kontext / concat inputs are never misaligned: such a source is left out)."""
+  edit_rows / edit_unaligned count the rows whose target has a condition image before it and,
+  of those, the ones whose source has another size (never used misaligned: it is left out)."""
   rng_t, rng_eps = jax.random.split(rng)
   idx, ok = model.target_tokens(batch)
   x0 = jnp.take_along_axis(batch["patches"], idx[..., None], axis=1).astype(jnp.float32)
