@@ -6,6 +6,14 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the run: the xdist controller imports this file first and
+# its workers, and the subprocesses tests start, inherit the variable, so a program compiled by
+# one of them (the same tiny config trained, resumed and sampled by several CLI runs) is
+# compiled once. A fresh directory a run: nothing carries over between runs.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="unimm_jax_cache_")
 # libtpu for ahead-of-time TPU compiles (`make test` installs it beside the venv)
 _LIBTPU = os.path.join(os.path.dirname(__file__), "..", ".venv", "libtpu", "libtpu", "libtpu.so")
 if os.path.exists(_LIBTPU):
@@ -16,6 +24,13 @@ if os.path.exists(_LIBTPU):
 
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  """The process that made the compilation cache (the controller) removes it at the end."""
+  if _OWN_CACHE:
+    import shutil
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
