@@ -230,12 +230,11 @@ def start(spec):
   return model, cuda, device, cuda and spec["bf16"]
 
 
-def train_timed(spec, model, loss_fn, cuda, device):
-  """Trains `model` on loss_fn() (AdamW, gradient clipping, bf16 autocast on CUDA when spec asks)
-  for spec's warm-up and timed steps: (the last loss, the timed steps' seconds)."""
+def train_timed(spec, model, loss_fn, cuda, device, bf16):
+  """Trains `model` on loss_fn() (AdamW, gradient clipping, bf16 autocast when `bf16`, from
+  start()) for spec's warm-up and timed steps: (the last loss, the timed steps' seconds)."""
   import torch
   o = spec["optim"]
-  bf16 = cuda and spec["bf16"]
   opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["b1"], o["b2"]),
                           weight_decay=o["weight_decay"], fused=cuda)
 
@@ -284,7 +283,7 @@ def run_flux(spec):
                 return_dict=False)[0]
     return torch.nn.functional.mse_loss(out.float(), target)
 
-  loss, times = train_timed(spec, model, loss_fn, cuda, device)
+  loss, times = train_timed(spec, model, loss_fn, cuda, device, bf16)
   return {
       "peer": f"diffusers {type(model).__name__}",
       "attention_backend": attention_backend(),
@@ -312,7 +311,8 @@ def run(spec):
   model, cuda, device, bf16 = start(spec)
   b, l = spec["batch"], spec["seq_len"]
   ids = torch.randint(0, spec["hf"]["vocab_size"], (b, l), device=device)
-  loss, times = train_timed(spec, model, lambda: model(input_ids=ids, labels=ids).loss, cuda, device)
+  loss, times = train_timed(spec, model, lambda: model(input_ids=ids, labels=ids).loss, cuda,
+                            device, bf16)
   return {
       "peer": f"transformers {type(model).__name__}",
       "attn_implementation": model.config._attn_implementation,

@@ -217,6 +217,17 @@ class DiffusionModel(nnx.Module):
     aligned = jnp.take_along_axis(has, first[:, None], axis=1)[:, 0]
     return {"edit_rows": jnp.sum(before), "edit_unaligned": jnp.sum(before & ~aligned)}
 
+  def start_queries(self):
+    """MetaQuery: the queries become the frozen LLM's own input at a target image's positions
+    when that image is pure noise (t = 1, patches 0): position + modality + time embedding, so
+    the LLM reads them as a picture it is asked to draw."""
+    n = self.queries.value.shape[0]
+    ones = jnp.ones((1, n), jnp.int32)
+    x = self.llm.embed_inputs(0 * ones, jnp.zeros((1, n, self.llm.patch_dim), jnp.float32),
+                              jnp.ones((1, n), jnp.float32), NOISED_IMAGE * ones,
+                              jnp.arange(n)[None], segment_ids=ones, image_ids=ones)
+    self.queries.value = x[0].astype(self.queries.value.dtype)
+
   def _llm(self):
     """The frozen LLM, its parameters behind stop_gradient (no gradient is computed for them)."""
     graphdef, state = nnx.split(self.llm)

@@ -163,6 +163,10 @@ class Trainer:
     """A fresh state whose frozen LLM (MMDiT conditioning, model.condition.llm) holds the
     weights of that workdir's latest checkpoint; the optimizer state as initialised."""
     params = load_llm(jax.device_get(state["params"]), self.cfg)
+    if "queries" in params:  # MetaQuery: the queries start from the loaded LLM's embeddings
+      model = nnx.merge(self.graphdef, params)
+      model.start_queries()
+      params = nnx.state(model, nnx.Param)
     params = jax.device_put(params, self.param_shardings)
     init_opt = jax.jit(lambda p: {"params": p, "opt_state": self.tx.init(p),
                                   "step": jnp.zeros((), jnp.int32)},
@@ -255,7 +259,7 @@ def load_llm(params, cfg):
   if hf:
     from unimm.interop.hf_llm import load_params  # pylint: disable=import-outside-toplevel
     params["llm"] = load_params(path, params["llm"], llm_cfg)
-    return start_queries(params)
+    return params
   llm_cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
   ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1)
   step = ckpt.latest_step()
@@ -277,27 +281,4 @@ def load_llm(params, cfg):
                       f"{tuple(leaf.shape)} here")
     out.append(np.asarray(found[name], leaf.dtype))
   params["llm"] = jax.tree.unflatten(treedef, out)
-  return start_queries(params)
-
-
-def start_queries(params):
-  """MetaQuery: the learnable queries start as the LLM's own input at a target image's
-  positions when that image is pure noise (t = 1, patches 0): position + modality + time
-  embedding, so the frozen LLM reads them as a picture it is asked to draw."""
-  if "queries" not in params:
-    return params
-  from unimm.batch import NOISED_IMAGE  # pylint: disable=import-outside-toplevel
-  from unimm.models.layers import timestep_embedding  # pylint: disable=import-outside-toplevel
-  from unimm.models.unified import T_FREQ_DIM  # pylint: disable=import-outside-toplevel
-  llm = jax.tree.map(np.asarray, params["llm"])
-  value = lambda name: np.asarray(getattr(llm[name], "value", llm[name]))
-  start = value("patch_pos") + value("modality_embed")[NOISED_IMAGE]
-  if "t_in" in llm and llm["t_in"] is not None:
-    temb = np.asarray(timestep_embedding(np.ones((1,), np.float32), T_FREQ_DIM))
-    start = start + np.asarray(jax.nn.silu(temb @ value("t_in")) @ value("t_out"))
-  queries = params["queries"]
-  if hasattr(queries, "value"):
-    queries.value = start.astype(queries.value.dtype)
-  else:
-    params["queries"] = start.astype(queries.dtype)
   return params
