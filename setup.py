@@ -32,8 +32,10 @@ setup(
         # torch: the PyTorch DataLoader peer of unimm.data.bench and the parity tests against
         # diffusers / transformers / vector-quantize-pytorch; 2.13.0 is the CPU build this machine keeps on disk
         "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "diffusers>=0.40", "vector-quantize-pytorch>=1.32"],
-        "gpu": ["jax[cuda13]>=0.10.2"],
-        "tpu": ["jax[tpu]>=0.10.2"],
+        # workdirs on gs://: etils.epath (fsspec) and tensorboardX's GCS writer
+        "gcs": ["gcsfs", "google-cloud-storage"],
+        "gpu": ["jax[cuda13]>=0.10.2", "gcsfs", "google-cloud-storage"],
+        "tpu": ["jax[tpu]>=0.10.2", "gcsfs", "google-cloud-storage"],
         # model.moe.impl="tokamax": the Mosaic GPU grouped matmul (needs jax >= 0.11.1)
         "tokamax": ["tokamax", "jax>=0.11.1"],
     },

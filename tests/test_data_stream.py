@@ -221,7 +221,7 @@ def test_two_processes_read_each_record_once_per_epoch(tmp_path, tok, num_record
   cfg = cfg_for(src)
   reads = []
   for p in range(2):
-    stream = iter(document_stream(cfg, process_index=p, process_count=2))
+    stream = iter(document_stream(cfg, shard=p, shards=2))
     share = (num_records - p + 1) // 2  # records p, p + 2, ... of the shuffled epoch
     docs = [unstack(next(stream)) for _ in range(share)]
     reads.append([doc_ids({"tokens": d["tokens"][None], "modality": d["modality"][None],

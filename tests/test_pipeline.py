@@ -1,16 +1,18 @@
 """Tests for unimm.data.pipeline: encoding, dropout, packing, batches, state."""
 
+import json
 import re
 import types
 
 import ml_collections
 import numpy as np
 import pytest
+from etils import epath
 
 from unimm.data import document as D
 from unimm.data.document import CLEAN_IMAGE, NOISED_IMAGE, TEXT
 from unimm.data.pipeline import (BATCH_KEYS, FEATURES, condition_dropout,
-                                 encode_document, make_dataset, make_iterator,
+                                 encode_document, make_iterator,
                                  validate_batch)
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
@@ -331,6 +333,45 @@ def test_processes_read_disjoint_records(tok):
   assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
+def _global_batch(cfg, process_count, states=None):
+  """Next global batch read by `process_count` processes (their iterators' rows concatenated
+  in process order), each process first restored from `states` if given; and the iterators."""
+  its = [make_iterator(cfg, process_index=i, process_count=process_count, source=FakeSource())
+         for i in range(process_count)]
+  for it in its:
+    if states is not None:
+      it.set_state(states)
+  parts = [next(it) for it in its]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, its
+
+
+def test_fixed_data_shards_read_the_same_global_batches_on_any_process_count(tok, tmp_path):
+  """data.shards=4: 1, 2 or 4 processes read the same global batches of distinct records,
+  and a data state saved by 2 processes resumes on 1 and on 4 (checkpoint files merged)."""
+  from unimm.train.checkpoint import merged_data_state
+  cfg = make_cfg(batch_size=8, shards=4)
+  first, two = _global_batch(cfg, 2)
+  records = [record_index(doc, tok) for _, _, doc in packed_docs(first)]
+  assert len(records) == len(set(records)) > 8
+  for count in (1, 4):
+    assert_batches_equal([_global_batch(cfg, count)[0]], [first])
+  for i, it in enumerate(two):  # the files two processes write, merged as a restore reads them
+    (tmp_path / f"process_{i}-of-2.json").write_text(json.dumps(it.get_state()))
+  state = merged_data_state(epath.Path(tmp_path))
+  parts = [next(it) for it in two]
+  following = {k: np.concatenate([p[k] for p in parts]) for k in first}
+  for count in (1, 4):
+    assert_batches_equal([_global_batch(cfg, count, state)[0]], [following])
+  with pytest.raises(UserError, match="read as 4 data shards and this run reads 2: resume with "
+                                      "--config.data.shards=4"):
+    make_iterator(make_cfg(batch_size=8), process_count=2, source=FakeSource()).set_state(state)
+  with pytest.raises(UserError, match="data.shards=4 does not divide over 3 processes"):
+    make_iterator(cfg, process_index=0, process_count=3, source=FakeSource())
+  (tmp_path / "process_0-of-2.json").unlink()
+  with pytest.raises(UserError, match="incomplete"):
+    merged_data_state(epath.Path(tmp_path))
+
+
 def test_repeats_past_one_epoch(tok):
   it = make_iterator(make_cfg(), source=FakeSource(num_records=5))
   records = [record_index(doc, tok) for batch in take(it, 3)
@@ -340,7 +381,7 @@ def test_repeats_past_one_epoch(tok):
 
 def test_global_batch_must_divide():
   with pytest.raises(UserError, match="data.batch_size 6 .* multiple of 4"):
-    make_dataset(make_cfg(batch_size=6), process_count=4, source=FakeSource())
+    make_iterator(make_cfg(batch_size=6), process_count=4, source=FakeSource())
 
 
 def test_state_round_trip():

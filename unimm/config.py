@@ -147,6 +147,8 @@ def defaults() -> ml_collections.ConfigDict:
                            # (InstructPix2Pix's three-way dropout: text, image, both; two-scale guidance)
       tokenizer="byte",    # "byte" (needs no download) or a local tokenizer directory
       num_workers=0,       # Grain worker processes (0: in-process); a checkpoint resumes only with the same count
+      shards=0,            # data streams the global batch is read from (0: one per process); fixed, the
+                           # batches and a checkpoint's data state do not depend on the process count
       read_threads=2,      # threads per process (or worker) decoding records ahead of packing
       pack_bins=8,         # first-fit packing bins
       docs_per_row=0,      # at most this many documents packed into a row; 0: as many as fit (the MMDiT: 1)

@@ -15,6 +15,7 @@ import os
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from unimm.config import from_saved, parse_args
@@ -46,11 +47,10 @@ def _load_image(path, size):
 def _workdir_config(opts):
   if not opts.get("workdir"):
     raise UserError("--workdir DIR (a training workdir) is required")
-  path = os.path.join(opts["workdir"], "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(opts["workdir"]) / "config.json"  # local or gs://
+  if not path.exists():
     raise UserError(f"{path} not found: pass --config FILE")
-  with open(path) as f:
-    return from_saved(json.load(f))
+  return from_saved(json.loads(path.read_text()))
 
 
 def main(argv):

@@ -549,22 +549,48 @@ def _collate(rows):
 # ------------------------------------------------------------------ dataset
 
 
-def per_process_batch(global_batch, process_count):
-  """data.batch_size is global; each process loads its share."""
-  if global_batch <= 0 or global_batch % process_count:
+def data_shards(cfg, process_count):
+  """The data shards of a run: (shards, rows of each shard's part of a global batch).
+
+  The global batch of data.batch_size rows is read from data.shards independent streams (0:
+  one per process): shard k reads records k, k + shards, ... of every source's shuffled stream
+  and packs rows [k * rows, (k + 1) * rows) of each batch; process i reads the shards
+  [i * shards / P, (i + 1) * shards / P). A fixed data.shards makes the global batches, and a
+  checkpoint's data state, the same for any process count that divides it."""
+  shards = int(getattr(cfg.data, "shards", 0)) or process_count
+  if shards < 0 or shards % process_count:
     raise UserError(
-        f"data.batch_size {global_batch} is not a positive multiple of the "
-        f"process count {process_count}: set data.batch_size to a multiple of "
-        f"{process_count}")
-  return global_batch // process_count
+        f"data.shards={cfg.data.shards} does not divide over {process_count} processes: set it "
+        f"to a multiple of {process_count} (or 0: one shard per process)")
+  return shards, shard_rows(cfg, shards)
 
 
-def make_dataset(cfg, *, process_index=0, process_count=1, source=None):
-  """The Grain pipeline for cfg: an IterDataset of per-process batches.
+def shard_rows(cfg, shards):
+  """Rows of each shard's part of a global batch."""
+  global_batch = int(cfg.data.batch_size)
+  if global_batch <= 0 or global_batch % shards:
+    what = "data.shards" if int(getattr(cfg.data, "shards", 0)) else "one per process"
+    raise UserError(
+        f"data.batch_size {global_batch} is not a positive multiple of the {shards} data shards "
+        f"({what}): set data.batch_size to a multiple of {shards}")
+  return global_batch // shards
+
+
+def local_shards(cfg, process_index, process_count):
+  """The data shards process `process_index` of `process_count` reads."""
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process_index {process_index} is outside [0, {process_count})")
+  shards, _ = data_shards(cfg, process_count)
+  per = shards // process_count
+  return range(process_index * per, (process_index + 1) * per)
+
+
+def make_dataset(cfg, *, shard=0, shards=1, source=None):
+  """The Grain pipeline of one data shard: an IterDataset of its rows of each global batch.
 
   Per source of data.mixture (or the single custom `source`: any random-access
   sequence of documents): global shuffle (new each epoch), endless repeat, then
-  this process's slice of the stream (shard after repeat), then decode /
+  this shard's slice of the stream (shard after repeat), then decode /
   bucket / tokenize (`_Load`). The sources are mixed by weight
   (`IterDataset.mix`), skips are counted (`_CountSkips`), documents are packed
   first-fit into rows of data.seq_len and batched. Batches carry
@@ -572,22 +598,18 @@ def make_dataset(cfg, *, process_index=0, process_count=1, source=None):
   takes out.
   """
   d = cfg.data
-  batch = per_process_batch(int(d.batch_size), process_count)
-  if not 0 <= process_index < process_count:
-    raise UserError(
-        f"process_index {process_index} is outside [0, {process_count})")
+  rows = shard_rows(cfg, shards)
   if int(d.pack_bins) < 1:
     raise UserError(f"data.pack_bins is {d.pack_bins}: set it to 1 or more")
   seq_len = int(d.seq_len)
   tok = load_tokenizer(d.tokenizer)
-  it = document_stream(cfg, process_index=process_index, process_count=process_count,
-                       source=source, tok=tok)
+  it = document_stream(cfg, shard=shard, shards=shards, source=source, tok=tok)
   it = grain.experimental.FirstFitPackIterDataset(
       it, length_struct={"ints": seq_len},
       num_packing_bins=int(d.pack_bins), seed=int(cfg.seed),
       padding_struct=_padding(tok.pad_id), meta_features=("stats",) + _VECTORS,
       max_sequences_per_bin=int(getattr(d, "docs_per_row", 0)) or None)
-  it = it.batch(batch, drop_remainder=True, batch_fn=_collate)
+  it = it.batch(rows, drop_remainder=True, batch_fn=_collate)
   if int(d.num_workers) > 0:
     _allow_unparsed_absl_flags()
     it = it.mp_prefetch(
@@ -595,8 +617,8 @@ def make_dataset(cfg, *, process_index=0, process_count=1, source=None):
   return it
 
 
-def document_stream(cfg, *, process_index=0, process_count=1, source=None, tok=None):
-  """This process's mixed stream of encoded documents (make_dataset before
+def document_stream(cfg, *, shard=0, shards=1, source=None, tok=None):
+  """One data shard's mixed stream of encoded documents (make_dataset before
   packing), with skip markers removed and counted (`stats`)."""
   d = cfg.data
   tok = load_tokenizer(d.tokenizer) if tok is None else tok
@@ -605,7 +627,7 @@ def document_stream(cfg, *, process_index=0, process_count=1, source=None, tok=N
   streams, weights = {}, {}
   for k, (name, (src, weight)) in enumerate(sources.items()):
     ds = shuffle(grain.MapDataset.source(src), [int(cfg.seed), k]).repeat(None)
-    ds = ds.map_with_index(_with_index)[process_index::process_count]
+    ds = ds.map_with_index(_with_index)[shard::shards]
     ds = ds.map(_Load(k, tok, patcher, d, int(cfg.seed)))
     streams[name] = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=int(getattr(d, "read_threads", 2)), prefetch_buffer_size=32))
@@ -675,51 +697,69 @@ def _padding(pad_id):
 
 
 class DataIterator(grain.DatasetIterator):
-  """The training loop's data: next() gives a batch (BATCH_KEYS only).
+  """The training loop's data: next() gives this process's rows of a global batch (BATCH_KEYS
+  only), its data shards' parts in shard order (`data_shards`).
 
-  Adds to the Grain iterator what a run needs: cumulative records read and
+  Adds to the Grain iterators what a run needs: cumulative records read and
   skipped per source and reason (`metrics()`, and a UserError when a source's
-  error rate passes data.max_error_rate), and a checkpoint state that records
-  data.num_workers and the source names, so that a restore which would not
-  continue the same stream fails with a clear message instead of silently
-  reading other samples (Grain's multiprocess state depends on the worker
-  count).
+  error rate passes data.max_error_rate), and a checkpoint state per data shard
+  that records data.num_workers and the source names, so that a restore which
+  would not continue the same stream fails with a clear message instead of
+  silently reading other samples (Grain's multiprocess state depends on the
+  worker count). A state holds the shards of one process; `set_state` takes the
+  union of all processes' (unimm.train.checkpoint merges them), so a run can
+  resume on another process count that divides the shards.
   """
 
-  def __init__(self, dataset, names, cfg):
-    super().__init__(dataset.__iter__())
+  def __init__(self, datasets, names, cfg, shards):
+    """datasets: {shard: make_dataset(...)} of this process; shards: the run's shard count."""
+    self.shard_ids = sorted(datasets)
+    super().__init__([datasets[k].__iter__() for k in self.shard_ids])
+    self.shards = shards
     self.names = list(names)
     self.num_workers = int(cfg.data.num_workers)
     self.max_rate = float(getattr(cfg.data, "max_error_rate", 0.05))
     self.min_records = int(getattr(cfg.data, "error_min_records", 100))
-    self.counts = np.zeros((len(self.names), 1 + len(SKIP_REASONS)), np.int64)
+    width = 1 + len(SKIP_REASONS)
+    self.shard_counts = np.zeros((len(self.shard_ids), len(self.names), width), np.int64)
+
+  @property
+  def counts(self):
+    """[sources, 1 + reasons]: records read and skipped by reason, over this process's shards."""
+    return self.shard_counts.sum(0)
 
   def __next__(self):
-    batch = dict(next(self._parent))
-    stats = np.asarray(batch.pop("data_stats")).reshape(-1, *self.counts.shape).sum(0)
-    self.counts += stats
+    parts = [dict(next(it)) for it in self._parents]
+    for j, part in enumerate(parts):
+      stats = np.asarray(part.pop("data_stats"))
+      self.shard_counts[j] += stats.reshape(-1, *self.shard_counts.shape[1:]).sum(0)
+    counts = self.counts
     for k, name in enumerate(self.names):
-      check_error_rate(name, int(self.counts[k, 0]),
-                       dict(zip(SKIP_REASONS, self.counts[k, 1:].tolist())),
+      check_error_rate(name, int(counts[k, 0]), dict(zip(SKIP_REASONS, counts[k, 1:].tolist())),
                        self.max_rate, self.min_records)
-    return batch
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def metrics(self):
-    """{"data/read/<source>": n, "data/skipped/<source>/<reason>": n (n > 0)}."""
+  def metrics(self, counts=None):
+    """{"data/read/<source>": n, "data/skipped/<source>/<reason>": n (n > 0)} of `counts`
+    (default: this process's; the loop passes the sum over processes)."""
+    counts = self.counts if counts is None else counts
     out = {}
     for k, name in enumerate(self.names):
-      out[f"data/read/{name}"] = int(self.counts[k, 0])
+      out[f"data/read/{name}"] = int(counts[k, 0])
       for r, reason in enumerate(SKIP_REASONS):
-        if self.counts[k, 1 + r]:
-          out[f"data/skipped/{name}/{reason}"] = int(self.counts[k, 1 + r])
+        if counts[k, 1 + r]:
+          out[f"data/skipped/{name}/{reason}"] = int(counts[k, 1 + r])
     return out
 
   def get_state(self):
-    return {"num_workers": self.num_workers, "sources": self.names,
-            "counts": self.counts.tolist(), "stream": self._parent.get_state()}
+    return {"num_workers": self.num_workers, "sources": self.names, "shards": self.shards,
+            "shard_states": {str(k): {"stream": it.get_state(), "counts": c.tolist()}
+                             for k, it, c in zip(self.shard_ids, self._parents, self.shard_counts)}}
 
   def set_state(self, state):
-    if "stream" not in state:
+    if "shard_states" not in state:
       raise UserError("the checkpoint's data state predates this version of unimm: start a "
                       "new workdir")
     saved = int(state["num_workers"])
@@ -733,25 +773,39 @@ class DataIterator(grain.DatasetIterator):
       raise UserError(
           f"the checkpoint's data stream mixes sources {state['sources']} but data.mixture "
           f"now gives {self.names}: resume with the same data.mixture")
-    self._parent.set_state(state["stream"])
-    self.counts = np.asarray(state["counts"], np.int64).reshape(self.counts.shape)
+    if int(state["shards"]) != self.shards:
+      raise UserError(
+          f"the checkpoint's data stream was read as {state['shards']} data shards and this run "
+          f"reads {self.shards}: resume with --config.data.shards={state['shards']} (on a process "
+          "count that divides it) to read exactly the samples of an uninterrupted run")
+    missing = [k for k in self.shard_ids if str(k) not in state["shard_states"]]
+    if missing:
+      raise UserError(f"the checkpoint's data state lacks data shard {missing[0]} of "
+                      f"{self.shards}: it is incomplete (a save cut short?)")
+    for j, (k, it) in enumerate(zip(self.shard_ids, self._parents)):
+      shard = state["shard_states"][str(k)]
+      it.set_state(shard["stream"])
+      self.shard_counts[j] = np.asarray(shard["counts"], np.int64).reshape(self.shard_counts.shape[1:])
 
   def start_prefetch(self):
-    if hasattr(self._parent, "start_prefetch"):
-      self._parent.start_prefetch()
+    for it in self._parents:
+      if hasattr(it, "start_prefetch"):
+        it.start_prefetch()
 
   def close(self):
-    if hasattr(self._parent, "close"):
-      self._parent.close()
+    for it in self._parents:
+      if hasattr(it, "close"):
+        it.close()
 
 
 def make_iterator(cfg, *, process_index=0, process_count=1, source=None):
-  """A DataIterator over make_dataset(...): get_state()/set_state() resume exactly."""
-  dataset = make_dataset(cfg, process_index=process_index, process_count=process_count,
-                         source=source)
+  """A DataIterator over this process's data shards: get_state()/set_state() resume exactly."""
+  shards, _ = data_shards(cfg, process_count)
+  datasets = {k: make_dataset(cfg, shard=k, shards=shards, source=source)
+              for k in local_shards(cfg, process_index, process_count)}
   names = (["custom"] if source is not None
            else [name for name, _, _ in parse_mixture(getattr(cfg.data, "mixture", "shapes"))])
-  return DataIterator(dataset, names, cfg)
+  return DataIterator(datasets, names, cfg, shards)
 
 
 # --------------------------------------------------------------- validation

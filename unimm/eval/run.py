@@ -1,15 +1,17 @@
 """ShapesEval of a trained unified model: scores, `eval.json` and a sample grid."""
 
 import json
-import os
 
+import jax
 import numpy as np
+from etils import epath
 
 from unimm.eval.shapes_eval import SCORE_KEYS, ShapesEval, save_grid
 
 
 def evaluate(sampler, cfg, workdir=None, log=print):
-  """Runs ShapesEval with the sampler; writes eval.json and samples.png into workdir."""
+  """Runs ShapesEval with the sampler; writes eval.json and samples.png into workdir. In a
+  multi-process run every process samples (one SPMD program) and process 0 writes and logs."""
   e = cfg.eval
   bench = ShapesEval(seed=e.seed, image_size=cfg.data.image_size, n_single=e.n_single,
                      n_double=e.n_double, n_caption=e.n_caption, n_qa=e.n_qa, n_edit=e.n_edit)
@@ -22,15 +24,17 @@ def evaluate(sampler, cfg, workdir=None, log=print):
               if understands else None),
       edit=lambda images, instructions: sampler.edit(images, instructions, seed=seed),
       batch_size=64)
-  if workdir:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(scores, f, indent=1, sort_keys=True)
-    _sample_grid(sampler, bench, os.path.join(workdir, "samples.png"), seed)
-  log(format_scores(scores))
+  lead = jax.process_index() == 0
+  if workdir and lead:
+    (epath.Path(workdir) / "eval.json").write_text(json.dumps(scores, indent=1, sort_keys=True))
+  if workdir:  # (the grid samples in every process)
+    _sample_grid(sampler, bench, epath.Path(workdir) / "samples.png", seed, write=lead)
+  if lead:
+    log(format_scores(scores))
   return scores
 
 
-def _sample_grid(sampler, bench, path, seed):
+def _sample_grid(sampler, bench, path, seed, write=True):
   """Row 1-2: text to image; row 3: edits (source, result pairs); captions under the inputs."""
   prompts = bench.single_prompts[:8] + bench.double_prompts[:8]
   images = list(sampler.text_to_image(prompts, seed=seed))
@@ -46,7 +50,9 @@ def _sample_grid(sampler, bench, path, seed):
     captions = sampler.image_to_text(real)
     images += list(real)
     labels += [f"caption: {c}" for c in captions]
-  save_grid(path, np.stack(images), ncols=8, labels=labels)
+  if write:
+    with path.open("wb") as f:
+      save_grid(f, np.stack(images), ncols=8, labels=labels)
 
 
 def can_caption(sampler):

@@ -5,21 +5,9 @@ ShapesEval: prints the scores and writes eval.json and samples.png.
 """
 
 import json
-import os
 
+from unimm.distributed import initialize
 from unimm.errors import UserError, cli
-
-
-def init_distributed():
-  """Multi-host runs (UNIMM_DISTRIBUTED=1, set by the launch/ scripts) join one JAX job."""
-  if os.environ.get("UNIMM_DISTRIBUTED") != "1":
-    return
-  import jax
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # GPU hosts: launch/gpu.sh
-    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
-                               int(os.environ["NNODES"]), int(os.environ["NODE_RANK"]))
-  else:  # TPU pods and SLURM: auto-detected
-    jax.distributed.initialize()
 
 
 def main(argv):
@@ -27,28 +15,33 @@ def main(argv):
   cfg, opts = parse_args(argv, flags=("workdir",), switches=("resume", "no_eval"))
   if not opts["workdir"]:
     raise UserError("--workdir DIR is required")
-  init_distributed()
+  initialize()  # a multi-host job (UNIMM_DISTRIBUTED=1, set by launch/): unimm.distributed
+  import jax
+  from etils import epath
   from unimm.data.pipeline import describe_mixture
-  from unimm.eval.run import evaluate
-  from unimm.sample import sampler_from_run
   from unimm.train.loop import Run, routing_report
-  os.makedirs(opts["workdir"], exist_ok=True)
   run = Run(cfg, opts["workdir"])  # (model.init_from fills the architecture fields first)
-  with open(os.path.join(opts["workdir"], "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=1))
+  workdir = epath.Path(run.workdir)  # local or gs://
+  lead = jax.process_index() == 0  # the one process that prints and writes files
+  if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json(indent=1))
   state = run.restore_or_init(require=opts["resume"])
-  print(f"step {int(state['step'])} of {cfg.train.steps}; mesh {dict(run.mesh.shape)}; "
-        f"workdir {run.workdir}", flush=True)
-  for line in describe_mixture(cfg):
-    print(line, flush=True)
+  if lead:
+    print(f"step {int(state['step'])} of {cfg.train.steps}; mesh {dict(run.mesh.shape)}; "
+          f"{jax.process_count()} process(es); workdir {run.workdir}", flush=True)
+    for line in describe_mixture(cfg):
+      print(line, flush=True)
   state = run.train(state)
   if cfg.model.moe.experts:
     report = routing_report(run, state)
-    with open(os.path.join(run.workdir, "routing.json"), "w") as f:
-      json.dump(report, f, indent=1)
-    print(f"expert load max/mean per MoE block over {report['batches']} batches: "
-          f"{report['max_over_mean_per_block']}", flush=True)
+    if lead:
+      (workdir / "routing.json").write_text(json.dumps(report, indent=1))
+      print(f"expert load max/mean per MoE block over {report['batches']} batches: "
+            f"{report['max_over_mean_per_block']}", flush=True)
   if not opts["no_eval"]:
+    from unimm.eval.run import evaluate  # (scipy and the sampler: not imported for --no_eval)
+    from unimm.sample import sampler_from_run
     evaluate(sampler_from_run(run, state), cfg, run.workdir)
 
 

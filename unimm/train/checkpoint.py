@@ -1,9 +1,18 @@
 """Checkpoints: Orbax CheckpointManager holding the train state (params,
-optimizer state, step) and the Grain iterator state, saved together so that a
+optimizer state, step) and the data iterators' state, saved together so that a
 resumed run continues with exactly the parameters and data of an
-uninterrupted one."""
+uninterrupted one.
 
-import grain
+The train state is sharded over the mesh and restores onto any mesh (Orbax
+reshards). The data state is one JSON file per process holding the states of
+its data shards (`unimm.data.pipeline.data_shards`); a restore reads every
+process's file, so a run resumes on any process count that divides the shards.
+"""
+
+import dataclasses
+import json
+import re
+
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -21,8 +30,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step, state, data_iter, force=False):
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iter))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataSave(data_iter))
     return self.manager.save(int(step), args=args, force=force)
 
   def restore(self, step, abstract_state, data_iter=None):
@@ -31,7 +39,7 @@ class Checkpointer:
     self.check_shapes(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = DataRestore(data_iter)
     return self.manager.restore(int(step), args=ocp.args.Composite(**items))["state"]
 
   def check_shapes(self, step, abstract_state):
@@ -68,3 +76,69 @@ def _shapes(tree):
     return "/".join(k for k in keys if k != "value")
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
   return {name(p): tuple(x.shape) for p, x in flat}
+
+
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+  """The data iterators' state in Orbax: each process writes `process_I-of-P.json` (its data
+  shards' states, `DataIterator.get_state`); a restore merges all files, then each process
+  takes its shards (`DataIterator.set_state`)."""
+
+  def save(self, directory, args):
+    state = json.dumps(args.item.get_state(), indent=1)
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (epath.Path(directory) / name).write_text(state)
+
+  def restore(self, directory, args):
+    item = args.item
+    item.set_state(merged_data_state(epath.Path(directory)))
+    item.start_prefetch()
+    return item
+
+  def metadata(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: object
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: object
+
+
+def merged_data_state(directory):
+  """The union of the data shard states of all processes' files in `directory`. A file of
+  an older unimm (Grain's handler: one stream per process) is shard I of P."""
+  files = {}
+  for path in directory.iterdir():
+    m = _PROCESS_FILE.search(path.name)
+    if m:
+      files[int(m.group(1)), int(m.group(2))] = json.loads(path.read_text())
+  counts = {p for _, p in files}
+  if not files or len(counts) != 1 or len(files) != next(iter(counts)):
+    raise UserError(f"the data state in {directory} is incomplete: it holds "
+                    f"{sorted(p for p, _ in files)} of the writing processes' files "
+                    "(a save cut short?)")
+  merged = None
+  for (index, count), state in sorted(files.items()):
+    if "stream" in state:
+      state = dict(state, shards=count,
+                   shard_states={str(index): {"stream": state.pop("stream"),
+                                              "counts": state.pop("counts")}})
+    if merged is None:
+      merged = dict(state, shard_states={})
+    merged["shard_states"].update(state["shard_states"])
+  return merged

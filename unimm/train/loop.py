@@ -4,6 +4,7 @@ A workdir holds everything a run writes: `checkpoints/` (Orbax; params,
 optimizer state, step and the Grain iterator state), `tb/` (TensorBoard event
 files), `metrics.jsonl`, and after evaluation `eval.json` and `samples.png`.
 Starting again in the same workdir continues from its latest checkpoint.
+A workdir may be local or on a bucket (gs://...: every file goes through etils.epath).
 """
 
 import json
@@ -12,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from unimm.data.pipeline import make_iterator, validate_batch
@@ -58,7 +60,7 @@ class Run:
       else:
         from unimm.interop.hf_llm import apply_model_fields
         apply_model_fields(cfg, cfg.model.init_from)
-    self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+    self.cfg, self.workdir = cfg, resolve_workdir(workdir)
     self.mesh = make_mesh(cfg.mesh, devices)
     check_batch_fits_mesh(cfg, self.mesh)
     self.tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -97,38 +99,39 @@ class Run:
     start = int(state["step"])
     if start >= steps:
       return state
+    lead = jax.process_index() == 0  # the one process that logs
     writer = summary_writer(os.path.join(self.workdir, "tb"))
-    metrics_file = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+    metrics_file = MetricsLog(os.path.join(self.workdir, "metrics.jsonl")) if lead else None
     t0 = time.time()
     step = start
-    bar = tqdm(total=steps, initial=start, desc="train", disable=jax.process_index() != 0,
-               mininterval=5.0)
+    bar = tqdm(total=steps, initial=start, desc="train", disable=not lead, mininterval=5.0)
     try:
       while step < steps:
         state, metrics = self.trainer.step(state, self.next_batch(), self.rng)
         step += 1
         bar.update(1)
         out_of_time = cfg.time_limit_s > 0 and time.time() - t0 > cfg.time_limit_s
+        if jax.process_count() > 1:  # process 0 decides, at log steps (no sync on the others)
+          out_of_time = step % cfg.log_every == 0 and agreed(out_of_time)
         if step % cfg.log_every == 0 or step == steps or out_of_time:
           m = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
           m.update(step=step, steps_per_s=(step - start) / (time.time() - t0))
-          m.update(self.data.metrics())
-          bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "ce", "flow", "ce_image", "moe_max_load")
-                          if k in m})
-          metrics_file.write(json.dumps(m) + "\n")
-          metrics_file.flush()
-          if writer is not None:
+          m.update(self.data.metrics(all_processes(self.data.counts)))
+          if lead:
+            bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "ce", "flow", "ce_image",
+                                                        "moe_max_load") if k in m})
+            metrics_file.append(m)
             for k, v in m.items():
               writer.add_scalar(f"train/{k}", v, step)
         if step % cfg.ckpt_every == 0 or step == steps or out_of_time:
           self.ckpt.save(step, state, self.data, force=True)
         if out_of_time:
-          log(f"stopping at step {step}: train.time_limit_s={cfg.time_limit_s:g} reached")
+          if lead:
+            log(f"stopping at step {step}: train.time_limit_s={cfg.time_limit_s:g} reached")
           break
     finally:
       bar.close()
-      metrics_file.close()
-      if writer is not None:
+      if lead:
         writer.close()
       self.ckpt.wait()
     return state
@@ -148,6 +151,46 @@ def routing_report(run, state, batches=16):
   return {"batches": batches, "max_over_mean_per_block": [round(float(x), 4) for x in per_block],
           "max_over_mean": round(float(per_block.max()), 4),
           "load_per_block": [[round(float(x), 4) for x in row] for row in load]}
+
+
+def resolve_workdir(workdir):
+  """A local workdir made absolute; a bucket's (gs://...) as given."""
+  workdir = os.fspath(workdir)
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
+class MetricsLog:
+  """metrics.jsonl: one JSON line per logged step, appended (rewritten whole on a bucket,
+  where files cannot be appended to)."""
+
+  def __init__(self, path):
+    self.path, self.remote = epath.Path(path), "://" in path
+    self.text = self.path.read_text() if self.remote and self.path.exists() else ""
+
+  def append(self, metrics):
+    line = json.dumps(metrics) + "\n"
+    if self.remote:
+      self.text += line
+      self.path.write_text(self.text)
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
+
+
+def agreed(flag):
+  """Process 0's `flag` in every process (a decision that must not differ between them)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def all_processes(counts):
+  """`counts` summed over the processes of the run (every process calls it at the same step)."""
+  if jax.process_count() == 1:
+    return counts
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(counts)).sum(0)
 
 
 def summary_writer(path):
