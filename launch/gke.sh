@@ -16,26 +16,16 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-dry=false build=false xpk=false args=()
-while [ $# -gt 0 ]; do
+source "$here/launch/lib.sh"
+build=false xpk=false
+flag() {
   case $1 in
-    --dry-run) dry=true ;;
     --build) build=true ;;
     --xpk) xpk=true ;;
-    --) shift; args+=("$@"); break ;;
-    *) args+=("$1") ;;
+    *) return 1 ;;
   esac
-  shift
-done
-die() { echo "error: $*" >&2; exit 2; }
-quote() {  # the arguments as one line of shell words
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
 }
-run() { if $dry; then quote "$@"; else "$@"; fi; }
+parse_args "$@"
 json_list() {  # the arguments as a JSON (and so YAML) list of strings
   local out=() a
   for a in "$@"; do a=${a//\\/\\\\}; out+=("\"${a//\"/\\\"}\""); done
@@ -71,13 +61,7 @@ chips=$((${TOPOLOGY//x/*}))
 if $cube || [ "$chips" -gt 8 ]; then per_host=4; else per_host=$chips; fi  # 4 chips a host when multi-host
 hosts=$((chips / per_host))
 
-workdir=
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case ${args[i]} in
-    --workdir=*) workdir=${args[i]#--workdir=} ;;
-    --workdir) workdir=${args[i + 1]:-} ;;
-  esac
-done
+workdir_arg
 [[ $workdir == gs://* ]] || die "--workdir gs://bucket/path is required: pods share no disk"
 
 if $build; then
@@ -87,8 +71,7 @@ WORKDIR /app
 COPY src.tgz /tmp/src.tgz
 RUN tar -C /app -xzf /tmp/src.tgz && rm /tmp/src.tgz && pip install --no-cache-dir -e '.[tpu]'"
   run mkdir -p "$ctx"
-  run tar -C "$here" --exclude=./.venv --exclude=./runs --exclude=./.git --exclude=__pycache__ \
-    --exclude='*.egg-info' -czf "$ctx/src.tgz" .
+  pack_checkout "$ctx/src.tgz"
   if $dry; then printf '%s\n' "cat > $ctx/Dockerfile <<'EOF'" "$dockerfile" EOF; else echo "$dockerfile" > "$ctx/Dockerfile"; fi
   run docker build -t "$IMAGE" "$ctx"
   run docker push "$IMAGE"

@@ -14,25 +14,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 PYTHON=${PYTHON:-python3}
 
-dry=false args=()
-while [ $# -gt 0 ]; do
-  case $1 in
-    --dry-run) dry=true ;;
-    --) shift; args+=("$@"); break ;;
-    *) args+=("$1") ;;
-  esac
-  shift
-done
-
-quote() {  # the arguments as one line of shell words
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() { if $dry; then quote "$@"; else "$@"; fi; }
-setenv() { export "$1=$2"; if $dry; then echo "export $1=$(quote "$2")"; fi; }
+source "$here/launch/lib.sh"
+parse_args "$@"
 
 "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('jax') and u.find_spec('flax')))" ||
   run "$PYTHON" -m pip install -q -e ".[gpu]"

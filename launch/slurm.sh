@@ -18,28 +18,17 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 
-dry=false args=()
-while [ $# -gt 0 ]; do
-  case $1 in
-    --dry-run) dry=true ;;
-    --) shift; args+=("$@"); break ;;
-    *) args+=("$1") ;;
-  esac
-  shift
-done
-quote() {  # the arguments as one line of shell words
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() { if $dry; then quote "$@"; else "$@"; fi; }
-setenv() { export "$1=$2"; if $dry; then echo "export $1=$(quote "$2")"; fi; }
-
-in_job() {  # the batch step: set up the environment, one process per node
+checkout() {  # inside the job: the checkout the submission passed as UNIMM_DIR (else the working directory)
   here=${UNIMM_DIR:-$PWD}
   [ -d "$here/unimm" ] || { echo "error: $here is not the unimm checkout: set UNIMM_DIR" >&2; exit 2; }
+}
+# Inside the job $0 is SLURM's copy of this script, away from the checkout and its launch/lib.sh.
+if [ -n "${SLURM_JOB_ID:-}" ]; then checkout; else here=$(cd "$(dirname "$0")/.." && pwd); fi
+source "$here/launch/lib.sh"
+parse_args "$@"
+
+in_job() {  # the batch step: set up the environment, one process per node
+  checkout
   cd "$here"
   setenv UNIMM_DISTRIBUTED 1
   setenv XLA_PYTHON_CLIENT_MEM_FRACTION "${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
@@ -55,7 +44,6 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   exit
 fi
 
-here=$(cd "$(dirname "$0")/.." && pwd)
 log_dir=${LOG_DIR:-$here/runs/logs}
 gpus=${GPUS_PER_NODE-8}  # GPUS_PER_NODE= (empty) leaves GPUs to your own sbatch options / #SBATCH lines
 sbatch=(sbatch --nodes="${NODES:-2}" --ntasks-per-node=1 ${gpus:+--gpus-per-node="$gpus"} --exclusive

@@ -22,28 +22,18 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-dry=false mode=reuse spot=false queued=false args=()
-while [ $# -gt 0 ]; do
+source "$here/launch/lib.sh"
+mode=reuse spot=false queued=false
+flag() {
   case $1 in
-    --dry-run) dry=true ;;
     --create) mode=create ;;
     --reuse) mode=reuse ;;
     --spot) spot=true ;;
     --queued) queued=true ;;
-    --) shift; args+=("$@"); break ;;
-    *) args+=("$1") ;;
+    *) return 1 ;;
   esac
-  shift
-done
-die() { echo "error: $*" >&2; exit 2; }
-quote() {  # the arguments as one line of shell words
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
 }
-run() { if $dry; then quote "$@"; else "$@"; fi; }
+parse_args "$@"
 
 [ -n "${TPU_NAME:-}" ] || die "set TPU_NAME (the TPU VM to create or reuse)"
 [ -n "${ZONE:-}" ] || die "set ZONE (e.g. us-east5-a)"
@@ -61,13 +51,7 @@ if [ -z "${WORKERS:-}" ] && [ -n "$ACCELERATOR" ] && [[ $size =~ ^[0-9]+$ ]]; th
   esac
 fi
 [[ ${WORKERS:-} =~ ^[1-9][0-9]*$ ]] || die "set ACCELERATOR (e.g. v5p-64) or WORKERS (the TPU VM's host count)"
-workdir=
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case ${args[i]} in
-    --workdir=*) workdir=${args[i]#--workdir=} ;;
-    --workdir) workdir=${args[i + 1]:-} ;;
-  esac
-done
+workdir_arg
 [ -n "$workdir" ] || die "--workdir is required (gs://bucket/path, shared by all workers)"
 if [ "$WORKERS" -gt 1 ] && [[ $workdir != gs://* ]]; then
   die "--workdir $workdir: $WORKERS workers need shared storage, e.g. --workdir gs://bucket/runs/x"
@@ -110,8 +94,7 @@ else
 fi
 
 src=${TMPDIR:-/tmp}/unimm_src_$TPU_NAME.tgz
-run tar -C "$here" --exclude=./.venv --exclude=./runs --exclude=./.git --exclude=__pycache__ \
-  --exclude='*.egg-info' -czf "$src" .
+pack_checkout "$src"
 run gcloud compute tpus tpu-vm scp "$src" "$TPU_NAME":unimm_src.tgz --worker=all "${where[@]}"
 # Python >= 3.11 (setup.py): the TPU images ship 3.10, so install 3.11 from apt where needed.
 remote="set -euo pipefail; mkdir -p $REPO_DIR; tar -C $REPO_DIR -xzf unimm_src.tgz; cd $REPO_DIR; "

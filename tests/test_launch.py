@@ -236,6 +236,19 @@ def test_slurm_in_job(launch):
   assert srun[-len(ARGS):] == ARGS
 
 
+def test_slurm_in_job_runs_a_spool_copy(tmp_path):
+  """sbatch runs a copy of the script from its spool directory: the helpers come from UNIMM_DIR."""
+  spool = tmp_path / "slurmd" / "job11" / "slurm_script"
+  spool.parent.mkdir(parents=True)
+  spool.write_text(open(os.path.join(ROOT, "launch", "slurm.sh")).read())
+  env = dict(os.environ, SLURM_JOB_ID="11", UNIMM_DIR=ROOT, PYTHON=sys.executable)
+  r = subprocess.run(["bash", str(spool), "--dry-run", *ARGS], capture_output=True, text=True,
+                     env=env, cwd=str(tmp_path), timeout=60)
+  assert r.returncode == 0, r.stderr
+  (srun,) = commands(r.stdout, "srun")
+  assert srun[-len(ARGS):] == ARGS
+
+
 # --- launch/tpu_pod.sh --------------------------------------------------------------------
 
 TPU = dict(TPU_NAME="my-pod", ZONE="us-east5-a", PROJECT="proj", ACCELERATOR="v5p-64")
