@@ -99,7 +99,9 @@ class UnifiedTransformer(nnx.Module):
       source = self.edit_sources(patches, segment_ids, modality, image_ids).astype(dtype)
       img = img + source @ self.source_in.value
     if self.flow_head is not None:
-      temb = timestep_embedding(t, T_FREQ_DIM).astype(dtype)
+      # (batch-sharded like the rows: unconstrained, XLA gathers the whole batch's [B, L, 256]
+      # to meet t_in's fsdp-sharded columns instead of gathering the weight)
+      temb = constrain(timestep_embedding(t, T_FREQ_DIM).astype(dtype), ("batch", "length", None))
       img = img + jax.nn.silu(temb @ self.t_in.value) @ self.t_out.value
       return constrain(jnp.where((modality == TEXT)[..., None], text, img),
                        ("batch", "length", "act_embed"))
