@@ -7,6 +7,10 @@ into an understanding expert (text and condition images) and a generation expert
 (public: 14B total, 7B active). Instantiated with `jax.eval_shape` on CPU; to start from
 the language model, set model.init_from to a local Qwen2.5 directory (the generation
 expert is initialised as its copy).
+
+Pod setting (docs/scaling.md, `python -m unimm.plan`): global batch 64 x 16384 tokens
+(= 256 x 4096), blocks scanned, remat "full"; the 64 rows split over fsdp 64 and the rest of
+the chips go to tensor parallelism (v5p-256: fsdp 64 x tensor 2; v6e-256: fsdp 64 x tensor 4).
 """
 
 from unimm.config import defaults
@@ -20,5 +24,6 @@ def get_config():
   c.model.mot.update(route=(0, 0, 1), init_copy=True)
   c.data.update(image_size=512, seq_len=16384, batch_size=64)
   c.model.patch_size = 16
-  c.mesh.update(data=1, fsdp=-1, tensor=1, expert=1)
+  c.model.update(scan=True, remat="full")
+  c.mesh.update(data=1, fsdp=64, tensor=-1, expert=1)
   return c

@@ -181,9 +181,12 @@ def test_report_fields(tiny_report):
 
 
 def test_fsdp_collectives_match_a_hand_count(tiny_report):
-  """fsdp=4: each weight is all-gathered in bf16 for the forward and again for the backward
-  (2 x 2 bytes a parameter, the gathered size), and its float32 gradient is reduce-scattered
-  (4 bytes a parameter, the full operand; XLA all-reduces a few small ones instead)."""
+  """fsdp=4, remat none: each weight is all-gathered in bf16 once, for the forward, and the
+  gathered copy kept for the backward (2 bytes a parameter, the gathered size; with remat the
+  backward gathers it again), and its float32 gradient is reduce-scattered (4 bytes a
+  parameter, the full operand; XLA all-reduces some instead, in bfloat16 where it reduces
+  before the cast to float32 (2 bytes: docs/scaling.md, dense_7b)). No activation is
+  gathered: the rows stay batch-sharded (a timestep embedding once gathered the whole batch)."""
   cfg, r = tiny_report
   from unimm.data.tokenizer import load_tokenizer
   from unimm.parallel.sharding import make_mesh
@@ -196,6 +199,7 @@ def test_fsdp_collectives_match_a_hand_count(tiny_report):
   total = sum(math.prod(x.shape) for x in leaves)
   c = r["collectives"]
   assert c["reduce-scatter"]["count"] > 0 and c["all-gather"]["count"] > 0
-  assert 0.75 < c["all-gather"]["bytes"] / (2 * 2 * sharded) < 1.5, (c, sharded)
+  assert cfg.model.remat == "none"
+  assert 0.9 < c["all-gather"]["bytes"] / (2 * sharded) < 1.25, (c, sharded)
   grads = c["reduce-scatter"]["bytes"] + c.get("all-reduce", {}).get("bytes", 0)
-  assert 0.9 < grads / (4 * total) < 1.25, (c, total)
+  assert 2 * total * 0.95 < grads < 4 * total * 1.1, (c, total)

@@ -508,12 +508,14 @@ def plan(cfg, topology, hbm_gib=None, spare=0.1, search=True, max_tries=8, log=p
     if report["fits"]:
       best = report
       break
-  if best is None or not best["fits"]:
-    if not search and best is not None:
-      return best
+  if best is None or (search and not best["fits"]):
     close = min((t for t in tried if "total" in t), key=lambda t: t["total"], default=None)
     near = (f"; the smallest was {_gib(close['total'])} with {_flags(close['setting']) or 'the config as is'}"
             if close else "")
+    if not search:
+      raise UserError(f"{topology}: the config as given does not compile within "
+                      f"{_gib(hbm)} HBM per device ({tried[-1].get('error', 'out of memory')}): "
+                      "run without --no-search for a setting that fits")
     raise UserError(
         f"{topology}: no setting tried ({len(tried)}: remat {'/'.join(REMAT_LADDER)}, scan, "
         f"fsdp and tensor meshes) fits {_gib(hbm * (1 - spare))} per device "
