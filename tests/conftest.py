@@ -69,6 +69,8 @@ def tiny_tokenizers(tmp_path_factory):
       c.mesh.data = 1
       c.tokenizer.update(kind=kind, quantizer="fsq", block_out_channels=(8, 16), norm_num_groups=4,
                          fsq_levels=(4, 4, 4), eval_images=4)
-      ae.train(c, out[kind], devices=jax.devices()[:1], log=lambda s: None)
+      from tests.helpers import quick_compiles
+      with quick_compiles():
+        ae.train(c, out[kind], devices=jax.devices()[:1], log=lambda s: None)
     (root / "done").touch()
   return out

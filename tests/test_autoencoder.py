@@ -7,8 +7,16 @@ import sys
 import jax
 import pytest
 
+from tests.helpers import quick_compiles
 from unimm.errors import UserError
 from unimm.train import autoencoder as ae
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quick_compiles():
+  """Tiny tokenizers trained a few steps: XLA with most optimisations off (conftest)."""
+  with quick_compiles():
+    yield
 
 
 def tiny(kind="vae", quantizer="vq", steps=8):

@@ -31,19 +31,20 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(processes, devices, workdir, steps, logdir):
-  """`python -m unimm.train` as `processes` JAX processes of `devices` CPU devices each."""
+def _launch(processes, devices, workdir, steps, logdir, *more):
+  """`python -m unimm.train ... *more` as `processes` JAX processes of `devices` CPU devices
+  each; its metrics by step."""
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0",
              UNIMM_COORDINATOR_PORT=str(_free_port()))
   r = subprocess.run(
       ["bash", "launch/local.sh", "--processes", str(processes), "--devices", str(devices),
        "--logdir", str(logdir), "--", *ARGS, "--workdir", str(workdir),
-       f"--config.train.steps={steps}", "--no_eval"],
+       f"--config.train.steps={steps}", "--no_eval", *more],
       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   others = "".join(p.read_text()[-1500:] for p in sorted(logdir.glob("process_*.log")))
   assert r.returncode == 0, r.stderr[-3000:] + others
   assert f"{processes} process(es)" in r.stdout
-  return _metrics(workdir)
+  return r.stdout, _metrics(workdir)
 
 
 def _metrics(workdir):
@@ -67,7 +68,7 @@ def _same(a, b):
 @pytest.mark.slow
 def test_two_and_four_processes_match_one(tmp_path):
   one = _train_here(tmp_path / "one", 2, 4)  # data=4 over 4 devices of one process
-  two = _launch(2, 2, tmp_path / "two", 2, tmp_path / "logs2")
+  _, two = _launch(2, 2, tmp_path / "two", 2, tmp_path / "logs2")
   assert set(two) == {1, 2}
   for step in (1, 2):
     _same(two[step], one[step])
@@ -76,6 +77,7 @@ def test_two_and_four_processes_match_one(tmp_path):
   for name in ("in_one", "in_four"):
     shutil.copytree(tmp_path / "two", tmp_path / name)
   in_one = _train_here(tmp_path / "in_one", 3, 2, "--config.mesh.data=1", "--config.mesh.fsdp=2")
-  in_four = _launch(4, 1, tmp_path / "in_four", 3, tmp_path / "logs4")
+  out, in_four = _launch(4, 1, tmp_path / "in_four", 3, tmp_path / "logs4", "--resume")
+  assert "step 2 of 3" in out and sorted(in_four) == [1, 2, 3]  # resumed: one more line
   assert in_one[3]["data/read/shapes"] > two[2]["data/read/shapes"]
   _same(in_four[3], in_one[3])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import quick_compiles
 from unimm import tokenize as tk
 from unimm.data import fixtures, records
 from unimm.errors import UserError, cli
@@ -34,12 +35,9 @@ NAMES = sorted(GOOD + ["odd", "gray", "16bit_image", "alpha_image", "cmyk_image"
 
 @pytest.fixture(scope="module", autouse=True)
 def _quick_compiles():
-  """XLA with most optimisations off for this module: the tiny tokenizers' training step
-  compiles about 2.5x faster (compilation, not running, is what these tests spend)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+  """XLA with most optimisations off for this module (conftest.quick_compiles)."""
+  with quick_compiles():
+    yield
   tk._LOADED.clear()  # pylint: disable=protected-access
 
 
