@@ -65,11 +65,11 @@ workdir_arg
 [[ $workdir == gs://* ]] || die "--workdir gs://bucket/path is required: pods share no disk"
 
 if $build; then
-  ctx=${TMPDIR:-/tmp}/unimm_image_$JOB_NAME
+  ctx=${OUT_DIR:-runs/gke}/unimm_image_$JOB_NAME  # the build context, beside the rendered manifests
   dockerfile="FROM python:3.11-slim
 WORKDIR /app
-COPY src.tgz /tmp/src.tgz
-RUN tar -C /app -xzf /tmp/src.tgz && rm /tmp/src.tgz && pip install --no-cache-dir -e '.[tpu]'"
+COPY src.tgz src.tgz
+RUN tar -xzf src.tgz && rm src.tgz && pip install --no-cache-dir -e '.[tpu]'"
   run mkdir -p "$ctx"
   pack_checkout "$ctx/src.tgz"
   if $dry; then printf '%s\n' "cat > $ctx/Dockerfile <<'EOF'" "$dockerfile" EOF; else echo "$dockerfile" > "$ctx/Dockerfile"; fi

@@ -401,7 +401,7 @@ def test_local_processes(launch):
   """N processes of this machine joined by a localhost coordinator (tests/test_multihost.py runs
   them): process i gets the explicit variables with NODE_RANK=i and D CPU devices."""
   r = launch("local.sh", "--processes", "3", "--devices", "2", "--port", "4321", "--python",
-             sys.executable, "--logdir", "/tmp/l", "--dry-run", "--", *ARGS)
+             sys.executable, "--logdir", "runs/l", "--dry-run", "--", *ARGS)
   lines = r.stdout.splitlines()
   assert len(lines) == 4 and lines[-1] == "wait"
   for i, line in enumerate(lines[:3]):
@@ -415,6 +415,6 @@ def test_local_processes(launch):
                                      process_id=i, cluster_detection_method="deactivate")
     train = words[words.index(sys.executable) + 1:-1]
     assert train[:2] == ["-m", "unimm.train"]
-    assert train[2:] == (ARGS if i == 0 else ARGS + [">", f"/tmp/l/process_{i}.log", "2>&1"])
+    assert train[2:] == (ARGS if i == 0 else ARGS + [">", f"runs/l/process_{i}.log", "2>&1"])
   bad = launch("local.sh", "--processes", "two", "--dry-run", "--", *ARGS, ok=False)
   one_line_error(bad, "--processes", "two")
