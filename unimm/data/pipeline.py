@@ -576,11 +576,10 @@ def shard_rows(cfg, shards):
   return global_batch // shards
 
 
-def local_shards(cfg, process_index, process_count):
-  """The data shards process `process_index` of `process_count` reads."""
+def local_shards(shards, process_index, process_count):
+  """The data shards (of `shards`, data_shards') process `process_index` of `process_count` reads."""
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index {process_index} is outside [0, {process_count})")
-  shards, _ = data_shards(cfg, process_count)
   per = shards // process_count
   return range(process_index * per, (process_index + 1) * per)
 
@@ -802,7 +801,7 @@ def make_iterator(cfg, *, process_index=0, process_count=1, source=None):
   """A DataIterator over this process's data shards: get_state()/set_state() resume exactly."""
   shards, _ = data_shards(cfg, process_count)
   datasets = {k: make_dataset(cfg, shard=k, shards=shards, source=source)
-              for k in local_shards(cfg, process_index, process_count)}
+              for k in local_shards(shards, process_index, process_count)}
   names = (["custom"] if source is not None
            else [name for name, _, _ in parse_mixture(getattr(cfg.data, "mixture", "shapes"))])
   return DataIterator(datasets, names, cfg, shards)
