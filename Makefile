@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae moe mot mmdit metaquery test bench-gpu clean
+.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae moe mot mmdit metaquery faults soak test bench-gpu clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,23 @@ runs/demo/eval.json: | setup
 
 metaquery: runs/demo/eval.json
 	$(PY) -m unimm.train --config configs/metaquery_shapes.py --workdir runs/metaquery_shapes
+
+# Fault injection (unimm/train/faults.py): a small demo model trained uninterrupted, then killed
+# with SIGKILL at 20 moments (5 while a checkpoint save is in flight) and sent one SIGTERM,
+# restarted each time; exit 0 only if it ends with the same parameters, optimizer state and
+# data order. `make soak`: the full demo killed every 200 steps, the same eval.json expected.
+FAULT_TRAIN := --config configs/demo.py --config.model.width=64 --config.model.depth=2 \
+	--config.model.mlp_dim=192 --config.data.image_size=16 --config.data.batch_size=4 \
+	--config.train.steps=300 --config.train.ckpt_every=10 --config.train.log_every=10 \
+	--config.train.time_limit_s=0 --no_eval
+faults: setup
+	rm -rf runs/faults
+	$(PY) -m unimm.train.faults --workdir runs/faults --kills 20 --save_kills 5 --sigterm 1 -- $(FAULT_TRAIN)
+
+soak: setup
+	rm -rf runs/soak
+	$(PY) -m unimm.train.faults --workdir runs/soak --kill_every 200 -- --config configs/demo.py \
+	  --config.train.time_limit_s=0 --config.train.ckpt_every=100
 
 # libtpu (matching the installed jax) lets tests compile programs for TPU topologies on this
 # host; kept off the venv's path (TPU_LIBRARY_PATH, set by tests/conftest.py) so that plain runs

@@ -187,6 +187,7 @@ def defaults() -> ml_collections.ConfigDict:
       ckpt_every=500,
       keep_ckpts=2,
       time_limit_s=0.0,    # >0: stop (and checkpoint) after this many seconds of training
+      max_bad_steps=10,    # stop after this many steps in a row with a non-finite loss (0: never)
   )
   c.mesh = dict(
       data=-1,             # -1 takes the devices the other axes leave

@@ -32,7 +32,7 @@ import os
 import numpy as np
 
 from unimm.config import tokenizer_defaults
-from unimm.errors import UserError
+from unimm.errors import UserError, read_json
 
 IMAGE_TOKENIZERS = ("pixels", "vae", "vq")
 
@@ -218,9 +218,8 @@ def tokenizer_config(workdir):
   if not os.path.exists(path):
     raise UserError(f"'{workdir}' is not a tokenizer workdir (no config.json): train one with "
                     "python -m unimm.train.autoencoder --config configs/vq_shapes.py --workdir DIR")
-  with open(path) as f:
-    saved = json.load(f)
-  if "tokenizer" not in saved:
+  saved = read_json(path, "the file is damaged; restore it from the tokenizer's training run")
+  if not isinstance(saved.get("tokenizer"), dict):
     raise UserError(f"'{workdir}' holds no tokenizer (config.json has no 'tokenizer' section)")
   t = tokenizer_defaults()
   t.update({k: v for k, v in saved["tokenizer"].items() if k in t})

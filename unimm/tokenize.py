@@ -53,9 +53,11 @@ none is left): as `unimm.data.convert` does. decode turns OUT/<name>.npy files
 back into PNGs.
 
 The last stdout line is a JSON summary (report.json without the per-image
-lists); progress goes to stderr. Bad arguments or a tokenizer workdir that is
-not one, or whose checkpoint does not match its config: one `error: ...` line
-and exit status 2.
+lists); progress goes to stderr. Bad arguments, an --input image file that is not
+a usable image (a folder's bad images are skipped and counted), a converted folder
+with a missing or damaged info.json or shard, or a tokenizer workdir that is not
+one, or whose checkpoint does not match its config: one `error: ...` line and exit
+status 2, before the tokenizer is restored where the input is at fault.
 """
 
 import argparse
@@ -95,10 +97,10 @@ latent_field, read_latent = records.latent_field, records.read_latent
 
 
 def _is_converted(path):
-  """A folder written by unimm.data.convert (info.json beside docs-*.array_record)?"""
-  return (os.path.isdir(path) and os.path.exists(os.path.join(path, records.INFO_FILE))
-          and any(n.startswith("docs-") and n.endswith(".array_record")
-                  for n in os.listdir(path)))
+  """A folder written by unimm.data.convert (docs-*.array_record shards; `records.shard_paths`
+  checks its info.json)?"""
+  return os.path.isdir(path) and any(n.startswith("docs-") and n.endswith(".array_record")
+                                     for n in os.listdir(path))
 
 
 def _ext(path):
@@ -160,9 +162,8 @@ def skimage_items():
 
 def _records(path):
   """(shard name, index, record bytes) of every record of a converted folder."""
-  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
   for shard in records.shard_paths(path):
-    reader = ArrayRecordReader(shard)
+    reader = records.open_shard(shard)
     try:
       n = reader.num_records()
       for start in range(0, n, 256):
@@ -197,18 +198,33 @@ def open_input(spec, args, ae, stats, counts):
                                   else ae.t.eval_seed, prob), n
   if spec == "skimage":
     return "skimage", skimage_items(), len(SKIMAGE_PHOTOS)
+  if os.path.isfile(spec):  # (check_input checked it)
+    return "file", iter([(os.path.splitext(os.path.basename(spec))[0],
+                          lambda: _read(spec))]), 1
+  if _is_converted(spec):
+    return "converted", converted_items(spec, stats), None
+  return "folder", folder_items(spec, counts), None
+
+
+def check_input(args):
+  """Fails fast, before the tokenizer is restored, on an --input that cannot be read: one
+  image file that is not a usable image (a one-line error naming it: a folder's bad images
+  are skipped and counted instead), a converted folder with a missing or damaged info.json
+  or shard."""
+  spec = args.input
+  if args.command == "decode" or spec in ("shapes", "skimage"):
+    return
   if os.path.isfile(spec):
     if _ext(spec) not in IMAGE_EXTENSIONS:
       raise UserError(f"--input {spec} is not an image file ({', '.join(IMAGE_EXTENSIONS)}): give "
                       "an image, a folder of images, a converted data folder, shapes or skimage")
-    return "file", iter([(os.path.splitext(os.path.basename(spec))[0],
-                          lambda: _read(spec))]), 1
-  if not os.path.isdir(spec):
+    records.image_file(spec, "--input")
+  elif not os.path.isdir(spec):
     raise UserError(f"--input {spec!r} does not exist: give an image file, a folder of images, a "
                     "converted data folder, shapes or skimage")
-  if _is_converted(spec):
-    return "converted", converted_items(spec, stats), None
-  return "folder", folder_items(spec, counts), None
+  elif _is_converted(spec):
+    for shard in records.shard_paths(spec):
+      records.open_shard(shard).close()
 
 
 def _limited(items, limit):
@@ -435,7 +451,7 @@ def encode(ae, args):
 def encode_converted(ae, args):
   """The latent cache of a converted folder (see the module docstring)."""
   src = args.input
-  info = json.load(open(os.path.join(src, records.INFO_FILE)))
+  info = records.read_info(src)
   if "tokenizer" in info:
     raise UserError(f"--input {src} is already a latent cache (its info.json names a tokenizer): "
                     "give the converted folder it was made from")
@@ -668,6 +684,7 @@ def main(argv) -> dict:
   if not os.path.isdir(args.tokenizer):
     raise UserError(f"--tokenizer {args.tokenizer!r} is not a folder: give the --workdir of "
                     "python -m unimm.train.autoencoder")
+  check_input(args)
   ae = _load(args.tokenizer)
   if args.command != "decode":
     if args.size is None:

@@ -265,7 +265,10 @@ class ConvertedSource:
   def __init__(self, directory):
     self.directory = directory
     self.paths = records.shard_paths(directory)
-    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    except Exception as e:  # noqa: BLE001 - a damaged shard: name it
+      raise records.shard_error(self.paths, e) from None
 
   def __len__(self):
     return len(self._source)
@@ -371,8 +374,9 @@ def check_latent_cache(location, cfg):
 
 
 class _Load(grain.transforms.Map):
-  """(record, its index in the source's repeated stream) -> encoded document,
-  or a skip marker
+  """(record, its index in the source's repeated stream[, its record id]) -> encoded
+  document (with `origin`: source and record id, which name a bad batch's records), or a
+  skip marker
 
       {"skip": reason, "detail": str, "source": k}
 
@@ -391,7 +395,8 @@ class _Load(grain.transforms.Map):
     self.caption_prob = float(getattr(data_cfg, "pair_caption_prob", 0.0))
 
   def map(self, element):
-    record, index = element
+    record, index, *record_id = element
+    origin = np.array([self.k, record_id[0] if record_id else index], np.int64)
     try:
       rng = np.random.default_rng([self.seed, self.k, index])
       if isinstance(record, dict):
@@ -407,7 +412,7 @@ class _Load(grain.transforms.Map):
       if n > self.seq_len:
         raise records.Skip(TOO_LONG, f"a {doc.get('task')!r} document needs {n} positions but "
                            f"data.seq_len is {self.seq_len}")
-      return {**_to_packed(out), "source": self.k}
+      return {**_to_packed(out), "source": self.k, "origin": origin}
     except records.Skip as e:
       return {"skip": e.reason, "detail": e.detail, "source": self.k}
 
@@ -528,7 +533,8 @@ def _collate(rows):
   position); each document's patches and pixels ride along as lists and are
   written once, straight into the batch's [B, L, D] arrays (they are most of
   the bytes: packing and then stacking them would copy them twice). The
-  rows' skip counts are summed into `data_stats`."""
+  rows' skip counts are summed into `data_stats`, their documents' (source, record id)
+  listed in `data_origin` (a list per row)."""
   ints = np.stack([row["ints"] for row in rows])
   vectors = {}
   for k in _VECTORS:
@@ -543,6 +549,7 @@ def _collate(rows):
   out["segment_ids"] = np.stack([row["ints_segment_ids"] for row in rows])
   out["positions"] = np.stack([row["ints_positions"] for row in rows])
   out["data_stats"] = np.stack([np.sum(row["stats"], axis=0) for row in rows])
+  out["data_origin"] = [np.asarray(row["origin"]).reshape(-1, 2) for row in rows]
   return out
 
 
@@ -606,7 +613,7 @@ def make_dataset(cfg, *, shard=0, shards=1, source=None):
   it = grain.experimental.FirstFitPackIterDataset(
       it, length_struct={"ints": seq_len},
       num_packing_bins=int(d.pack_bins), seed=int(cfg.seed),
-      padding_struct=_padding(tok.pad_id), meta_features=("stats",) + _VECTORS,
+      padding_struct=_padding(tok.pad_id), meta_features=("stats", "origin") + _VECTORS,
       max_sequences_per_bin=int(getattr(d, "docs_per_row", 0)) or None)
   it = it.batch(rows, drop_remainder=True, batch_fn=_collate)
   if int(d.num_workers) > 0:
@@ -625,8 +632,9 @@ def document_stream(cfg, *, shard=0, shards=1, source=None, tok=None):
   sources = {"custom": (source, 1.0)} if source is not None else make_sources(cfg)
   streams, weights = {}, {}
   for k, (name, (src, weight)) in enumerate(sources.items()):
-    ds = shuffle(grain.MapDataset.source(src), [int(cfg.seed), k]).repeat(None)
-    ds = ds.map_with_index(_with_index)[shard::shards]
+    ds = grain.MapDataset.source(src).map_with_index(_with_index)  # (record, its id)
+    ds = shuffle(ds, [int(cfg.seed), k]).repeat(None)
+    ds = ds.map_with_index(_with_position)[shard::shards]
     ds = ds.map(_Load(k, tok, patcher, d, int(cfg.seed)))
     streams[name] = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=int(getattr(d, "read_threads", 2)), prefetch_buffer_size=32))
@@ -638,6 +646,12 @@ def document_stream(cfg, *, shard=0, shards=1, source=None, tok=None):
 
 def _with_index(index, record):
   return record, index
+
+
+def _with_position(position, element):
+  """(record, record id) at `position` of the repeated stream -> (record, position, id)."""
+  record, record_id = element
+  return record, position, record_id
 
 
 # Above this many records a source is shuffled by Grain's index_shuffle (no
@@ -721,6 +735,7 @@ class DataIterator(grain.DatasetIterator):
     self.min_records = int(getattr(cfg.data, "error_min_records", 100))
     width = 1 + len(SKIP_REASONS)
     self.shard_counts = np.zeros((len(self.shard_ids), len(self.names), width), np.int64)
+    self.origins = []  # the last batch's documents: [source index, record id] each
 
   @property
   def counts(self):
@@ -729,9 +744,11 @@ class DataIterator(grain.DatasetIterator):
 
   def __next__(self):
     parts = [dict(next(it)) for it in self._parents]
+    self.origins = []
     for j, part in enumerate(parts):
       stats = np.asarray(part.pop("data_stats"))
       self.shard_counts[j] += stats.reshape(-1, *self.shard_counts.shape[1:]).sum(0)
+      self.origins += [o for row in part.pop("data_origin") for o in np.asarray(row).tolist()]
     counts = self.counts
     for k, name in enumerate(self.names):
       check_error_rate(name, int(counts[k, 0]), dict(zip(SKIP_REASONS, counts[k, 1:].tolist())),
@@ -739,6 +756,15 @@ class DataIterator(grain.DatasetIterator):
     if len(parts) == 1:
       return parts[0]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def describe_origins(self, origins=None):
+    """'shapes records 3, 17; pairs record 9': the sources and record ids of a batch's
+    documents (default: the last batch's, this process's rows)."""
+    by_source = {}
+    for k, record in self.origins if origins is None else origins:
+      by_source.setdefault(self.names[k], []).append(record)
+    return "; ".join(f"{name} record{'s' if len(ids) > 1 else ''} "
+                     f"{', '.join(map(str, sorted(set(ids))))}" for name, ids in by_source.items())
 
   def metrics(self, counts=None):
     """{"data/read/<source>": n, "data/skipped/<source>/<reason>": n (n > 0)} of `counts`

@@ -17,7 +17,8 @@ with every image kept as its encoded bytes (JPEG, PNG, WebP, ...):
 Images are checked once, at conversion (`check_image`): bad ones raise `Skip`
 with a reason; 16-bit, CMYK, palette and alpha images are repaired to RGB PNG
 and the repair is counted. The pipeline decodes, resizes and crops them to an
-aspect-ratio bucket when it reads them (`decode_image`).
+aspect-ratio bucket when it reads them (`decode_image`). An image file named on a
+command line gets the same checks (`image_file`): a bad one is a one-line UserError.
 """
 
 import collections
@@ -31,7 +32,7 @@ import msgpack
 import numpy as np
 from PIL import Image, ImageOps
 
-from unimm.errors import UserError
+from unimm.errors import UserError, read_json
 
 VERSION = 1
 SHARD_PATTERN = "docs-*.array_record"
@@ -88,6 +89,54 @@ def check_image(data, max_pixels: int = MAX_PIXELS):
   if repair is None:
     return data, None
   return _png(_to_rgb(img)), repair
+
+
+# How a reason reads in a message about one file ("--image x.png is ...").
+DESCRIPTIONS = {
+    EMPTY_IMAGE: "empty (0 bytes)",
+    UNDECODABLE_IMAGE: "not an image PIL can read",
+    TRUNCATED_IMAGE: "truncated or corrupt",
+    DECOMPRESSION_BOMB: "a decompression bomb",
+    MISSING_IMAGE: "missing",
+    REPAIR_16BIT: "a 16-bit image",
+    REPAIR_CMYK: "a CMYK image",
+    REPAIR_PALETTE: "a palette image",
+    REPAIR_ALPHA: "an image with transparency (composited on black)",
+    REPAIR_GRAY: "a grayscale image",
+}
+
+
+def image_file(path, flag, size=None, max_pixels: int = MAX_PIXELS):
+  """An image file named on the command line (flag: how the message names it, e.g.
+  "--image") -> (uint8 RGB [H, W, 3] as `decode_image` gives it for `size`, the repair
+  reason of `check_image` or None). A missing or unreadable file, or one check_image skips
+  (empty, not an image, truncated, a decompression bomb), is a one-line UserError naming
+  the file and the problem; 16-bit, CMYK, palette and alpha images are converted to 8-bit
+  RGB, as `unimm.data.convert` repairs them (`repair_note` says so)."""
+  if not os.path.isfile(path):
+    raise UserError(f"{flag} {path} " + ("is a folder, not an image file" if os.path.isdir(path)
+                                          else "does not exist"))
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise UserError(f"{flag} {path} cannot be read ({e.strerror or e})") from None
+  try:
+    fixed, repair = check_image(data, max_pixels)
+    return decode_image(fixed, size=size, max_pixels=max_pixels), repair
+  except Skip as e:
+    detail = "" if not e.detail or e.reason == UNDECODABLE_IMAGE else f" ({_one_line(e.detail)})"
+    raise UserError(f"{flag} {path} is {DESCRIPTIONS.get(e.reason, e.reason)}{detail}: give a "
+                    "PNG, JPEG, WebP, BMP or TIFF image") from None
+
+
+def repair_note(flag, path, repair):
+  """The one line that says an image file named on the command line was converted."""
+  return f"note: {flag} {path} is {DESCRIPTIONS.get(repair, repair)}: converted to 8-bit RGB"
+
+
+def _one_line(text):
+  return " ".join(str(text).split())
 
 
 def _open(data, max_pixels):
@@ -338,14 +387,69 @@ class ShardWriter:
       json.dump(dict(info, shards=self.shards), f, indent=1)
 
 
+def read_info(directory) -> dict:
+  """A converted folder's info.json; a one-line UserError naming the file when it is missing
+  (the conversion did not finish: convert writes it last) or not a JSON object."""
+  path = os.path.join(directory, INFO_FILE)
+  try:
+    return read_json(path, "the file is damaged; copy the folder again or convert again",
+                     "the object `python -m unimm.data.convert` writes")
+  except FileNotFoundError:
+    raise UserError(f"data source {directory!r} has no {INFO_FILE}: its conversion did not "
+                    "finish (`python -m unimm.data.convert` writes it last); convert again") from None
+
+
 def shard_paths(directory):
-  """The ArrayRecord shards of a converted folder, sorted; a clear error if none."""
+  """The ArrayRecord shards of a converted folder, sorted; a one-line UserError for a folder
+  that is not one (no shards), whose info.json is missing or damaged, or that lacks a shard
+  its info.json lists."""
   if not os.path.isdir(directory):
     raise UserError(f"data source {directory!r} is not a folder: give a folder written by "
                     "`python -m unimm.data.convert`")
   paths = sorted(glob.glob(os.path.join(directory, SHARD_PATTERN)))
+  if paths or os.path.exists(os.path.join(directory, INFO_FILE)):
+    listed = read_info(directory).get("shards")
+    listed = listed if isinstance(listed, list) else []
+    missing = [str(n) for n in listed if not os.path.isfile(os.path.join(directory, str(n)))]
+    if missing:
+      raise UserError(f"data source {directory!r} lacks {missing[0]} ({len(missing)} of the "
+                      f"{len(listed)} shards its {INFO_FILE} lists are missing): copy the folder "
+                      "again or convert again")
   if not paths:
     raise UserError(f"data source {directory!r} holds no {SHARD_PATTERN} files: convert your "
                     "data with `python -m unimm.data.convert --format ... --output "
                     f"{directory}`")
   return paths
+
+
+def shard_error(paths, error) -> UserError:
+  """The one-line UserError of shards that ArrayRecord could not open (`error`): it names the
+  first of `paths` that does not open (a damaged or cut-short file)."""
+  for path in paths:
+    try:
+      open_shard(path).close()
+    except UserError as e:
+      return e
+  return UserError(f"the shards of {os.path.dirname(paths[0])} cannot be read "
+                   f"({type(error).__name__}: {_one_line(error)})")
+
+
+def open_shard(path):
+  """An ArrayRecordReader of one shard; a one-line UserError naming a damaged one."""
+  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
+  reader = None
+  try:
+    reader = ArrayRecordReader(path)
+    ok = reader.ok()
+  except Exception:  # noqa: BLE001 - ArrayRecord raises RuntimeError, often with no message
+    ok = False
+  if ok:
+    return reader
+  try:
+    if reader is not None:
+      reader.close()  # (raises the reader's error, which says little: "should be at least 64KB")
+  except Exception:  # noqa: BLE001
+    pass
+  size = os.path.getsize(path) if os.path.isfile(path) else 0
+  raise UserError(f"{path} is not a readable ArrayRecord shard ({size} bytes, no valid footer): "
+                  "the file is damaged or cut short; copy it again or convert again")

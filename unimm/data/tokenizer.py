@@ -15,6 +15,7 @@ The wrapper pickles as its spec and is rebuilt on unpickle, so Grain worker
 processes get their own copy cheaply.
 """
 
+import json
 import os
 
 from unimm.errors import UserError
@@ -90,7 +91,9 @@ def _add_specials(hf_tokenizer):
 
 
 def load_tokenizer(spec: str = "byte") -> Tokenizer:
-  """'byte' -> ByT5 byte tokenizer; otherwise a local tokenizer directory."""
+  """'byte' -> ByT5 byte tokenizer; otherwise a local tokenizer directory (never downloaded,
+  never running the folder's own code: no trust_remote_code). A missing or broken folder is
+  a one-line UserError naming it and the problem."""
   import transformers  # Heavy import: only where a tokenizer is built.
 
   if spec == "byte":
@@ -101,9 +104,37 @@ def load_tokenizer(spec: str = "byte") -> Tokenizer:
     raise UserError(f"tokenizer path {spec!r} does not exist: {hint}")
   try:
     hf = transformers.AutoTokenizer.from_pretrained(
-        spec, local_files_only=True)
+        spec, local_files_only=True, trust_remote_code=False)
+    tok = Tokenizer(spec, hf)
+  except UserError:
+    raise
   except Exception as e:  # transformers raises OSError, ValueError, ...
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(
-        f"tokenizer path {spec!r} could not be loaded ({first}): {hint}") from e
-  return Tokenizer(spec, hf)
+        f"tokenizer path {spec!r} could not be loaded ({_why(spec, e)}): {hint}") from e
+  if not set(hf.get_vocab().values()) - tok.special_ids:
+    raise UserError(f"tokenizer path {spec!r} has no vocabulary (only special tokens: its "
+                    f"tokenizer.json or vocabulary files are missing): {hint}")
+  return tok
+
+
+def _why(spec, error):
+  """What is wrong with a tokenizer folder that transformers could not load: a file that is
+  not JSON, custom code it asks to run, or the first line of transformers' error."""
+  if not os.listdir(spec):
+    return "the folder is empty"
+  for name in ("tokenizer_config.json", "config.json", "special_tokens_map.json", "tokenizer.json",
+               "vocab.json"):
+    path = os.path.join(spec, name)
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path, "rb") as f:
+        data = json.loads(f.read())
+    except (OSError, ValueError) as e:
+      return f"{name} is not readable JSON: {type(e).__name__}: {e}"
+    if name in ("tokenizer_config.json", "config.json") and isinstance(data, dict) and (
+        "auto_map" in data):
+      return (f"its {name} names custom code (auto_map), and unimm never runs a checkpoint's "
+              "code (no trust_remote_code)")
+  text = " ".join(str(error).split())
+  return text or type(error).__name__

@@ -59,7 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimm.errors import UserError
+from unimm.errors import UserError, read_json
+from unimm.interop import not_safetensors, pickled_files
 from unimm.models.mmdit import SD3_POS_BASE, MMDiT, sd3_table
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -86,11 +87,7 @@ def _read_config(config_json):
   if not os.path.isfile(file):
     raise UserError(f"{path}: no config.json; a diffusers transformer directory holds config.json "
                     f"and {WEIGHTS}")
-  try:
-    with open(file) as f:
-      return json.load(f), file
-  except (OSError, ValueError) as e:
-    raise UserError(f"{file} is not readable JSON ({e}): download it again") from None
+  return read_json(file, "download it again", "a diffusers config"), file
 
 
 def model_fields(config_json) -> dict:
@@ -226,14 +223,26 @@ def _diffusers_config(cfg, dims):
 
 def _header(file):
   """The JSON header of a safetensors file ({key: {dtype, shape, data_offsets}}) and the byte
-  offset of its data."""
+  offset of its data; a one-line UserError for a file that is not one or is cut short."""
   try:
+    size = os.path.getsize(file)
     with open(file, "rb") as f:
-      n = struct.unpack("<Q", f.read(8))[0]
+      head = f.read(8)
+      if len(head) < 8:
+        raise ValueError(f"{size} bytes, shorter than a safetensors header")
+      n = struct.unpack("<Q", head)[0]
+      if n > size - 8:
+        raise ValueError(f"the header length {n} is more than the file's {size} bytes")
       header = json.loads(f.read(n))
-  except (OSError, ValueError, struct.error) as e:
+    if not isinstance(header, dict):
+      raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+  except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as e:
     raise UserError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-  header.pop("__metadata__", None)
+  if 8 + n + end > size:
+    raise UserError(f"{file} is truncated: its header declares {end} bytes of tensors but the "
+                    f"file holds {size - 8 - n}: download it again")
   return header, 8 + n
 
 
@@ -259,11 +268,18 @@ class _Checkpoint:
             raise UserError(f"{path}: shard {os.path.basename(file)} (listed in {INDEX}) is missing")
       elif os.path.isfile(single):
         files = {k: single for k in self._header(single)[0]}
+      elif pickled_files(path):
+        raise not_safetensors(os.path.join(path, pickled_files(path)[0]), "MMDiT checkpoint")
       else:
         raise UserError(f"{path}: no {WEIGHTS} or {INDEX}: a diffusers transformer directory holds "
                         "config.json and safetensors weights")
+    elif not os.path.exists(path):
+      raise UserError(f"MMDiT checkpoint {path} does not exist: give a diffusers transformer "
+                      "directory or a .safetensors file")
     elif os.path.isfile(path) and path.endswith(".safetensors"):
       files = {k: path for k in self._header(path)[0]}
+    elif os.path.isfile(path):
+      raise not_safetensors(path, "MMDiT checkpoint")
     else:
       raise UserError(f"MMDiT checkpoint {path} is neither a diffusers directory nor a "
                       ".safetensors file")

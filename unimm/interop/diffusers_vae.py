@@ -13,7 +13,8 @@ import re
 import numpy as np
 from flax import nnx
 
-from unimm.errors import UserError
+from unimm.errors import UserError, read_json
+from unimm.interop import not_safetensors, pickled_files
 from unimm.models.vae import FAMILIES, AutoencoderKL, VAEConfig, family_config
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -151,13 +152,15 @@ def load_diffusers_vae(path, config=None, family=None):
     raise UserError(f"vae checkpoint {path} does not exist")
   if os.path.isdir(path):
     cfg_file, weights = os.path.join(path, "config.json"), os.path.join(path, WEIGHTS)
+    if not os.path.isfile(weights) and pickled_files(path):
+      raise not_safetensors(os.path.join(path, pickled_files(path)[0]), "vae checkpoint")
     for f in (cfg_file, weights):
       if not os.path.isfile(f):
         raise UserError(f"{path}: no {os.path.basename(f)}; a diffusers AutoencoderKL directory "
                         f"holds config.json and {WEIGHTS}")
     if config is None:
-      with open(cfg_file) as f:
-        config = _config_from_diffusers(json.load(f), path)
+      hf = read_json(cfg_file, "download it again", "a diffusers config")
+      config = _config_from_diffusers(hf, path)
       if family is not None:
         preset = family_config(family)
         config = dataclasses.replace(config, scaling_factor=preset.scaling_factor,
@@ -169,6 +172,8 @@ def load_diffusers_vae(path, config=None, family=None):
         k = ".".join(parts[:-2] + [_OLD_ATTENTION[parts[-2]], parts[-1]])
       tensors[k] = v
     rename, source = (lambda name: name), weights
+  elif not path.endswith(".safetensors"):
+    raise not_safetensors(path, "vae checkpoint")
   else:
     tensors = _strip_ldm_prefix(_read_safetensors(path))
     if config is None:

@@ -46,7 +46,8 @@ import shutil
 import numpy as np
 from flax import nnx
 
-from unimm.errors import UserError
+from unimm.errors import UserError, read_json
+from unimm.interop import not_safetensors
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_moe")
 WEIGHTS = "model.safetensors"
@@ -69,17 +70,15 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 def _read_config(path):
   file = os.path.join(path, "config.json")
+  if os.path.isfile(path) and not path.endswith(".safetensors"):
+    raise not_safetensors(path, "Hugging Face checkpoint")
   if not os.path.isdir(path):
     raise UserError(f"Hugging Face checkpoint directory {path} does not exist: set model.init_from "
                     "to a local directory with config.json and *.safetensors")
   if not os.path.isfile(file):
     raise UserError(f"{path} has no config.json: point model.init_from at a Hugging Face model "
                     "directory (config.json + *.safetensors)")
-  try:
-    with open(file) as f:
-      hf = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{file} is not readable JSON ({e}): download the checkpoint again") from None
+  hf = read_json(file, "download the checkpoint again", "a model config")
   kind = hf.get("model_type")
   if kind not in SUPPORTED:
     raise UserError(f"{path}: model_type {kind!r} is not supported: use a Llama, Qwen2/2.5, Qwen3 "

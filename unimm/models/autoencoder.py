@@ -12,7 +12,6 @@ numpy-in, numpy-out `encode` / `decode` for sampling and the `unimm.tokenize` CL
     vq:  uint8 [n, H, W, 3] -> int32 codes [n, H/f, W/f]
 """
 
-import json
 import os
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimm.errors import UserError
+from unimm.errors import UserError, read_json
 from unimm.image_grid import downsampling, num_codes, tokenizer_config
 from unimm.models.quantizers import FSQ, LFQ, QuantizerStat, VectorQuantizer
 from unimm.models.vae import AutoencoderKL, Conv, Decoder, Encoder, VAEConfig
@@ -110,13 +109,21 @@ def restore_params(directory, abstract, keys=("params",)):
   step = manager.latest_step()
   if step is None:
     raise UserError(f"no checkpoint in '{directory}': train the tokenizer first")
-  meta = manager.item_metadata(step)
-  meta = getattr(meta, "tree", meta)
-  check_shapes({k: meta[k] for k in keys if k in meta}, abstract,
-               f"checkpoint {directory}/{step}")
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), meta)
-  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  try:
+    meta = manager.item_metadata(step)
+    meta = getattr(meta, "tree", meta)
+    check_shapes({k: meta[k] for k in keys if k in meta}, abstract,
+                 f"checkpoint {directory}/{step}")
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
+                          meta)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged checkpoint
+    if isinstance(e, UserError):
+      raise
+    why = " ".join(str(e).split()[:40]) or type(e).__name__
+    raise UserError(f"checkpoint {directory}/{step} cannot be read ({type(e).__name__}: {why}): "
+                    f"it is damaged; move it away to use the one before it, or train again") from None
   manager.close()
   return {k: restored[k] for k in keys}, step
 
@@ -179,7 +186,11 @@ class TrainedAutoencoder:
 
 def _latent_stats(workdir):
   path = os.path.join(workdir, "eval.json")
-  stats = json.load(open(path)) if os.path.exists(path) else {}
+  try:
+    stats = read_json(path, "evaluate the tokenizer again (python -m unimm.train.autoencoder ... "
+                      "--workdir DIR)")
+  except FileNotFoundError:
+    stats = {}
   if "latent_std" not in stats:
     raise UserError(f"'{workdir}' has no latent statistics in eval.json: finish its training "
                     "(python -m unimm.train.autoencoder ... --workdir DIR) so that it evaluates")

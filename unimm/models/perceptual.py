@@ -30,13 +30,19 @@ SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 
 
 def _load(path):
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return load_file(path)
-  if path.endswith(".npz"):
-    with np.load(path) as f:
+  """{name: array} of a .safetensors or .npz file (numpy arrays only: never unpickled)."""
+  if not path.endswith((".safetensors", ".npz")):
+    raise UserError(f"perceptual weights '{path}': use a .safetensors or .npz file (pickled "
+                    "PyTorch files are never read)")
+  try:
+    if path.endswith(".safetensors"):
+      from safetensors.numpy import load_file
+      return load_file(path)
+    with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
-  raise UserError(f"perceptual weights '{path}': use a .safetensors or .npz file")
+  except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+    raise UserError(f"perceptual weights '{path}' cannot be read ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())}): write them again") from None
 
 
 def load_perceptual(path):

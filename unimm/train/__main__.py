@@ -33,6 +33,11 @@ def main(argv):
     for line in describe_mixture(cfg):
       print(line, flush=True)
   state = run.train(state)
+  if run.preempted:  # checkpointed: the next start in this workdir resumes (exit status 0)
+    if lead:
+      print(f"preempted at step {int(state['step'])}: run the same command again to resume",
+            flush=True)
+    return
   if cfg.model.moe.experts:
     report = routing_report(run, state)
     if lead:

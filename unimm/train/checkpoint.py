@@ -9,38 +9,71 @@ its data shards (`unimm.data.pipeline.data_shards`); a restore reads every
 process's file, so a run resumes on any process count that divides the shards.
 """
 
+import contextlib
 import dataclasses
+import errno
 import json
+import os
 import re
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from unimm.errors import UserError
+from unimm.errors import UserError, one_line
 
 
 class Checkpointer:
+  """Saves are asynchronous (Orbax writes in the background, at most one save in flight: a
+  save first waits for the previous one). A save is written to a temporary folder and renamed
+  when complete, so a process killed at any moment leaves the last complete checkpoint
+  restorable; the partial folder of a save cut short is ignored (one line says so) and
+  removed."""
 
-  def __init__(self, directory, keep=2):
+  def __init__(self, directory, keep=2, log=None):
+    self.directory = os.fspath(directory)
+    partial = partial_saves(self.directory)  # (before the manager starts removing them)
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+    if partial and log is not None:
+      latest = self.latest_step()
+      log(f"checkpoints: ignoring {len(partial)} partial save(s) in {self.directory} (cut short "
+          f"by a crash or a kill: {', '.join(partial)}); "
+          + (f"the latest complete checkpoint is {latest}" if latest is not None
+             else "there is no complete checkpoint yet"))
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, step, state, data_iter, force=False):
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataSave(data_iter))
-    return self.manager.save(int(step), args=args, force=force)
+    with self._save_errors(step):
+      return self.manager.save(int(step), args=args, force=force)
 
   def restore(self, step, abstract_state, data_iter=None):
-    """Restores into `abstract_state`'s shapes and shardings; sets data_iter's state
-    (None, e.g. for sampling: the data state is not read)."""
-    self.check_shapes(step, abstract_state)
+    """Restores into `abstract_state`'s shapes and shardings (any mesh: Orbax reshards); sets
+    data_iter's state (None, e.g. for sampling: the data state is not read)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data"] = DataRestore(data_iter)
-    return self.manager.restore(int(step), args=ocp.args.Composite(**items))["state"]
+    with self._read_errors(step):
+      self.check_shapes(step, abstract_state)
+      return self.manager.restore(int(step), args=ocp.args.Composite(**items))["state"]
+
+  @contextlib.contextmanager
+  def _read_errors(self, step):
+    """A checkpoint whose files cannot be read (damaged: a save cut short is never restored)
+    -> one line naming it (Orbax raises bare Exceptions for unreadable arrays)."""
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"checkpoint {step} in {self.directory} cannot be restored "
+                      f"({type(e).__name__}: {one_line(e, 200)}); if it is damaged, move "
+                      f"{self.directory}/{step} away to resume from the checkpoint before "
+                      "it") from e
 
   def check_shapes(self, step, abstract_state):
     """One line naming the first array whose shape differs between checkpoint `step` and
@@ -63,10 +96,50 @@ class Checkpointer:
                       "not have: it was written by another model config")
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._save_errors(None):
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _save_errors(self, step):
+    """A save that fails (a full disk, a lost bucket) -> one line; the previous checkpoint
+    stays (Orbax deletes old ones only after a save completes)."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, UserError) or not (isinstance(e, OSError) or _disk_error(e)):
+        raise
+      what = "no space left on device" if _disk_error(e, errno.ENOSPC) else one_line(e)
+      latest = self.latest_step()
+      raise UserError(
+          f"saving a checkpoint{'' if step is None else f' at step {step}'} in {self.directory} "
+          f"failed: {what}; the last complete checkpoint "
+          + (f"({latest}) is kept" if latest is not None else "does not exist (none was written)")
+          + ": free space and run again to resume") from e
 
   def close(self):
     self.manager.close()
+
+
+def partial_saves(directory):
+  """Names of the unfinished saves (Orbax's temporary folders) in `directory`."""
+  path = epath.Path(directory)
+  if not path.exists():
+    return []
+  return sorted(p.name for p in path.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+
+def _disk_error(e, code=None):
+  """True when `e` or an exception it was raised from is an OSError (of errno `code`), or says
+  so in its text (TensorStore wraps them)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and (code is None or e.errno == code):
+      return True
+    if "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _shapes(tree):

@@ -9,6 +9,8 @@ A workdir may be local or on a bucket (gs://...: every file goes through etils.e
 
 import json
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -65,11 +67,13 @@ class Run:
     check_batch_fits_mesh(cfg, self.mesh)
     self.tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_vocab(cfg, self.tokenizer)
+    self.data = make_iterator(cfg, process_index=jax.process_index(),  # (bad sources fail fast)
+                              process_count=jax.process_count()) if with_data else None
     self.trainer = Trainer(cfg, self.mesh, self.tokenizer.model_vocab_size())
     self.patcher = self.trainer.image_tokenizer
-    self.data = make_iterator(cfg, process_index=jax.process_index(),
-                              process_count=jax.process_count()) if with_data else None
-    self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), cfg.train.keep_ckpts)
+    self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), cfg.train.keep_ckpts,
+                             log=_print if jax.process_index() == 0 else None)
+    self.stopped, self.preempted = None, False
     self.rng = jax.random.key(cfg.seed)
 
   def restore_or_init(self, require=False):
@@ -93,48 +97,143 @@ class Run:
     return self.trainer.device_batch(batch)
 
   def train(self, state, steps=None, log=print):
-    """Runs until `steps` (default train.steps) or train.time_limit_s; checkpoints; returns state."""
+    """Runs until `steps` (default train.steps), train.time_limit_s or a preemption notice
+    (SIGTERM / SIGINT; in a multi-process run JAX's preemption sync point), checkpoints, and
+    returns the state; `self.stopped` says why it stopped early (None: it reached `steps`),
+    `self.preempted` whether a signal stopped it.
+    Steps whose loss is not finite change nothing (`Trainer._step`) and are counted
+    (`nonfinite_steps` in the metrics); train.max_bad_steps of them in a row stop the run."""
     cfg = self.cfg.train
     steps = cfg.steps if steps is None else steps
     start = int(state["step"])
+    self.stopped, self.preempted = None, False
     if start >= steps:
       return state
     lead = jax.process_index() == 0  # the one process that logs
     writer = summary_writer(os.path.join(self.workdir, "tb"))
     metrics_file = MetricsLog(os.path.join(self.workdir, "metrics.jsonl")) if lead else None
+    guard = NonFiniteGuard(int(cfg.max_bad_steps), self)
     t0 = time.time()
     step = start
     bar = tqdm(total=steps, initial=start, desc="train", disable=not lead, mininterval=5.0)
     try:
-      while step < steps:
-        state, metrics = self.trainer.step(state, self.next_batch(), self.rng)
-        step += 1
-        bar.update(1)
-        out_of_time = cfg.time_limit_s > 0 and time.time() - t0 > cfg.time_limit_s
-        if jax.process_count() > 1:  # process 0 decides, at log steps (no sync on the others)
-          out_of_time = step % cfg.log_every == 0 and agreed(out_of_time)
-        if step % cfg.log_every == 0 or step == steps or out_of_time:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-          m.update(step=step, steps_per_s=(step - start) / (time.time() - t0))
-          m.update(self.data.metrics(all_processes(self.data.counts)))
-          if lead:
-            bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "ce", "flow", "ce_image",
-                                                        "moe_max_load") if k in m})
-            metrics_file.append(m)
-            for k, v in m.items():
-              writer.add_scalar(f"train/{k}", v, step)
-        if step % cfg.ckpt_every == 0 or step == steps or out_of_time:
-          self.ckpt.save(step, state, self.data, force=True)
-        if out_of_time:
-          if lead:
-            log(f"stopping at step {step}: train.time_limit_s={cfg.time_limit_s:g} reached")
-          break
+      with Preemption() as preempted:
+        while step < steps:
+          batch = self.next_batch()
+          state, metrics = self.trainer.step(state, batch, self.rng)
+          step += 1
+          guard.after(step, metrics["nonfinite"], self.data.origins)
+          bar.update(1)
+          out_of_time = cfg.time_limit_s > 0 and time.time() - t0 > cfg.time_limit_s
+          if jax.process_count() > 1:  # process 0 decides, at log steps (no sync on the others)
+            out_of_time = step % cfg.log_every == 0 and agreed(out_of_time)
+          if out_of_time:
+            self.stopped = f"train.time_limit_s={cfg.time_limit_s:g} reached"
+          signalled = preempted(step)
+          if signalled:
+            self.stopped, self.preempted = signalled, True
+          if step % cfg.log_every == 0 or step == steps or self.stopped:
+            guard.check()
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()
+                 if np.ndim(v) == 0 and k != "nonfinite"}
+            m.update(step=step, steps_per_s=(step - start) / (time.time() - t0),
+                     nonfinite_steps=guard.since_log())
+            m.update(self.data.metrics(all_processes(self.data.counts)))
+            if lead:
+              bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "ce", "flow", "ce_image",
+                                                          "moe_max_load") if k in m})
+              metrics_file.append(m)
+              for k, v in m.items():
+                writer.add_scalar(f"train/{k}", v, step)
+          if step % cfg.ckpt_every == 0 or step == steps or self.stopped:
+            self.ckpt.save(step, state, self.data, force=True)
+          if self.stopped:
+            if lead:
+              log(f"stopping at step {step}: {self.stopped}; checkpoint {step} saved")
+            break
     finally:
       bar.close()
       if lead:
         writer.close()
       self.ckpt.wait()
     return state
+
+
+class NonFiniteGuard:
+  """Counts the train steps whose loss or gradient norm was not finite (the step left the
+  parameters as they were) and stops the run after `max_bad` in a row. A step's flag is read
+  after the next step is dispatched, so the device never waits on the host."""
+
+  def __init__(self, max_bad, run):
+    self.max_bad, self.run = max_bad, run
+    self.pending = None
+    self.in_a_row = self.logged = self.total = 0
+
+  def after(self, step, flag, origins):
+    """Step `step` was dispatched with its nonfinite flag: checks the one before it."""
+    self.check()
+    self.pending = (step, flag, list(origins))
+
+  def check(self):
+    if self.pending is None:
+      return
+    (step, flag, origins), self.pending = self.pending, None
+    if not int(flag):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    self.total += 1
+    if self.max_bad > 0 and self.in_a_row >= self.max_bad:
+      latest = self.run.ckpt.latest_step()
+      where = (f"the last good checkpoint is {self.run.ckpt.directory}/{latest}"
+               if latest is not None else "no checkpoint was written yet")
+      rows = "" if jax.process_count() == 1 else f" (process {jax.process_index()}'s rows)"
+      raise UserError(
+          f"step {step}: loss or gradient norm not finite for {self.in_a_row} steps in a row "
+          f"(train.max_bad_steps={self.max_bad}; those steps changed nothing); the batch of step "
+          f"{step} holds {self.run.data.describe_origins(origins)}{rows}; {where}")
+
+  def since_log(self):
+    """Non-finite steps since the previous call."""
+    n, self.logged = self.total - self.logged, self.total
+    return n
+
+
+class Preemption:
+  """`with Preemption() as preempted:` ... `preempted(step)` gives the reason to stop now (or
+  None): a SIGTERM or SIGINT received since entering (a second SIGINT interrupts at once) or,
+  in a multi-process run, JAX's preemption sync point (its distributed service turns a
+  SIGTERM or a TPU maintenance notice in any process into the same step in all of them)."""
+
+  def __enter__(self):
+    self.received, self.previous = None, {}
+    self.synced = jax.process_count() > 1 and _preemption_service()
+    if threading.current_thread() is threading.main_thread():
+      signals = [signal.SIGINT] if self.synced else [signal.SIGTERM, signal.SIGINT]
+      for sig in signals:
+        self.previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+
+  def __call__(self, step):
+    if self.synced:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        return "preemption notice (JAX preemption sync point)"
+    return self.received and f"{self.received} received"
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+def _preemption_service():
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.global_state.preemption_sync_manager is not None
 
 
 def routing_report(run, state, batches=16):
@@ -153,10 +252,19 @@ def routing_report(run, state, batches=16):
           "load_per_block": [[round(float(x), 4) for x in row] for row in load]}
 
 
+def _print(line):
+  print(line, flush=True)
+
+
 def resolve_workdir(workdir):
   """A local workdir made absolute; a bucket's (gs://...) as given."""
   workdir = os.fspath(workdir)
-  return workdir if "://" in workdir else os.path.abspath(workdir)
+  if "://" in workdir:
+    return workdir
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file, not a folder: give a folder (a new one "
+                    "starts a run, an existing one continues it)")
+  return os.path.abspath(workdir)
 
 
 class MetricsLog:

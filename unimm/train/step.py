@@ -192,12 +192,20 @@ class Trainer:
     return loss, grads
 
   def _step(self, state, batch, rng):
+    """One AdamW update. A step whose loss or gradient norm is not finite leaves the
+    parameters and optimizer state as they were (metrics["nonfinite"] = 1); its step number
+    and batch are spent all the same, so the learning-rate schedule does not shift."""
     params, step = state["params"], state["step"]
     step_rng = jax.random.fold_in(rng, step)
-    (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, step_rng)
+    (loss, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, step_rng)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
-    params = optax.apply_updates(params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(step))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+    opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+    metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(step),
+                   nonfinite=1 - finite.astype(jnp.int32))
     return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
   def device_batch(self, batch):
