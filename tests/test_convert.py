@@ -452,3 +452,46 @@ def test_cli_errors(tmp_path):
   assert run("webdataset", tmp_path / "w", tmp_path / "out")["documents"] == 1
   with pytest.raises(UserError, match="already holds 1 shard"):
     run("webdataset", tmp_path / "w", tmp_path / "out")
+
+
+def test_parquet_variants_with_named_columns(tmp_path):
+  """LAION metadata with an image-bytes column and a Hugging Face export (image as a
+  {bytes, path} struct) convert with --caption-column / --image-column / --url-column."""
+  arrays = [noise(16, 24, i) for i in range(2)]
+  jpegs, pngs = [fx.encode_jpeg(a) for a in arrays], [fx.encode_png(a) for a in arrays]
+  pq.write_table(pa.table({
+      "URL": ["http://a/0.jpg", "http://a/1.jpg"], "TEXT": ["a red cat", None],
+      "WIDTH": [24, 24], "HEIGHT": [16, 16], "image_bytes": jpegs}), tmp_path / "laion.parquet")
+  got = run("img2dataset", tmp_path / "laion.parquet", tmp_path / "laion", "--caption-column",
+            "TEXT", "--image-column", "image_bytes", "--url-column", "URL")
+  assert got == summary(1, 1, {"missing_text": 1})
+  (d,) = read_back(tmp_path / "laion")
+  assert layout(d) == ["text", "target"] and texts(d) == ["a red cat"]
+  assert d["meta"] == {"url": "http://a/0.jpg", "WIDTH": 24, "HEIGHT": 16}
+  np.testing.assert_array_equal(images(d)[0], pixels(jpegs[0]))
+  info = records.read_info(str(tmp_path / "laion"))
+  assert info["caption_column"] == "TEXT" and info["url_column"] == "URL"
+
+  structs = [{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(pngs)]
+  pq.write_table(pa.table({"image": structs, "caption": ["one", "two"], "id": [7, 8]}),
+                 tmp_path / "hf.parquet")
+  got = run("img2dataset", tmp_path / "hf.parquet", tmp_path / "hf", "--image-column", "image")
+  assert got == summary(2, 2, {})
+  docs = read_back(tmp_path / "hf")
+  assert [texts(d) for d in docs] == [["one"], ["two"]] and docs[1]["meta"] == {"id": 8}
+  np.testing.assert_array_equal(images(docs[1])[0], arrays[1])
+
+  with pytest.raises(UserError) as e:
+    run("img2dataset", tmp_path / "hf.parquet", tmp_path / "x", "--caption-column", "TEXT")
+  msg = str(e.value)
+  assert "\n" not in msg and "--caption-column 'TEXT' is not a column of" in msg
+  assert msg.endswith("it has image, caption, id") and not (tmp_path / "x").exists()
+  with pytest.raises(UserError, match=r"--image-column 'caption' .* holds string, not image"):
+    run("img2dataset", tmp_path / "hf.parquet", tmp_path / "x", "--image-column", "caption")
+  with pytest.raises(UserError, match="--url-column apply to --format img2dataset"):
+    run("mmc4", tmp_path / "hf.parquet", tmp_path / "x", "--url-column", "URL")
+  r = _cli("--format", "img2dataset", "--input", tmp_path / "laion.parquet", "--output",
+           tmp_path / "x", "--image-column", "jpg")
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      f"error: --image-column 'jpg' is not a column of {tmp_path / 'laion.parquet'}: it has "
+      "URL, TEXT, WIDTH, HEIGHT, image_bytes"]

@@ -6,16 +6,19 @@ import io
 import os
 import re
 
+import grain
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from helpers import tiny_config
+from unimm.data import document as D
 from unimm.data import records
 from unimm.data.document import CLEAN_IMAGE, NOISED_IMAGE, TEXT
-from unimm.data.pipeline import (SKIP_REASONS, caption_pair, document_stream, make_iterator,
-                                 parse_mixture, unstack)
+from unimm.data.pipeline import (COUNT_WIDTH, SKIP_REASONS, _Chunks, caption_pair,
+                                 document_stream, encode_document, make_iterator, parse_mixture,
+                                 split_document, unstack)
 from unimm.data.tokenizer import load_tokenizer
 from unimm.errors import UserError
 from unimm.image_grid import PixelPatches
@@ -302,3 +305,98 @@ def test_pairs_read_as_captions_at_pair_caption_prob(pairs_dir, tok):
     images = batch["modality"][batch["modality"] != TEXT]
     assert images.size and (images == want).all(), prob
     it.close()
+
+
+# ------------------------------------------------------------ long documents
+
+
+def story(i, images=6, size=16):
+  """A converted interleaved document: '#i' then text, image, text, image, ..."""
+  segs = [{"kind": "text", "text": f"#{i} part 0", "loss": True}]
+  for k in range(images):
+    segs += [{"kind": "image", "bytes": png(np.full((size, size, 3), k * 30, np.uint8)),
+              "role": "condition"},
+             {"kind": "text", "text": f"#{i} part {k + 1}", "loss": True}]
+  return {"task": "interleaved", "segments": segs, "meta": {"id": i}}
+
+
+def test_long_interleaved_documents_split_at_segment_boundaries(tok):
+  patcher = PixelPatches(16, 8)
+  img = np.zeros((16, 16, 3), np.uint8)
+  segs = [D.text("a title")] + [s for k in range(5) for s in (D.image(img), D.text(f"t{k}"))]
+  doc = D.document("interleaved", segs)
+  assert len(encode_document(doc, tok, patcher)["tokens"]) > 40
+  chunks = split_document(doc, tok, patcher, 40)
+  assert len(chunks) > 1
+  assert [s for c in chunks for s in c["segments"]] == segs  # all segments, in order
+  for c in chunks:
+    assert len(encode_document(c, tok, patcher)["tokens"]) <= 40
+    assert c["segments"][0]["kind"] == "text" and c["task"] == "interleaved"
+  short = D.document("interleaved", [D.text("ab"), D.image(img), D.text("cd")])
+  with pytest.raises(records.Skip, match="segment 1 .* needs 8 .*data.seq_len is 7") as e:
+    split_document(short, tok, patcher, 7)  # an image alone: <bos> <boi> 4 patches <eoi> <eos>
+  assert e.value.reason == "too_long"
+
+
+def test_long_interleaved_records_are_split_counted_and_resume(tmp_path, tok):
+  """seq_len 40 holds about two of a story's 6 images: each record becomes several documents,
+  counted once as read and once as split (not too_long), keeping its origin; a state saved
+  in the middle of a split record resumes at the next chunk."""
+  folder = write_source(tmp_path / "mmc4", [story(i) for i in range(6)])
+  cfg = cfg_for(folder, **{"data.seq_len": 40, "data.batch_size": 2, "data.pack_bins": 1,
+                           "data.error_min_records": 1})
+  it = make_iterator(cfg)
+  seen = []
+  for _ in range(11):  # 22 documents: a record has 4 chunks, the state falls inside one
+    batch = next(it)
+    assert batch["tokens"].shape == (2, 40)
+    seen += [i for i in doc_ids(batch, tok) if i is not None]
+  assert set(seen) == set(range(6))
+  m = it.metrics()
+  name = os.path.basename(folder)
+  assert not any(k.startswith("data/skipped") for k in m)
+  assert 0 < m[f"data/split/{name}"] == m[f"data/read/{name}"]
+  assert len(it.origins) == 2 and all(k == 0 for k, _ in it.origins)
+  state = it.get_state()
+  assert "'chunk': 2" in str(state)
+  want = [doc_ids(next(it), tok) for _ in range(3)]
+  it.close()
+  again = make_iterator(cfg)
+  again.set_state(state)
+  assert [doc_ids(next(again), tok) for _ in range(3)] == want
+  again.close()
+
+
+def test_counts_saved_before_the_split_column_restore(pairs_dir):
+  it = make_iterator(cfg_for(pairs_dir))
+  next(it)
+  state = it.get_state()
+  shard = state["shard_states"]["0"]
+  shard["counts"] = [row[:len(SKIP_REASONS) + 1] for row in shard["counts"]]  # an older save
+  again = make_iterator(cfg_for(pairs_dir))
+  again.set_state(state)
+  assert again.counts.shape == (1, COUNT_WIDTH) and again.counts[0, -1] == 0
+  assert again.metrics() == it.metrics()
+  shard["counts"] = [[1, 2]]
+  with pytest.raises(UserError, match=r"data counts have shape \[1, 2\]"):
+    again.set_state(state)
+  it.close()
+  again.close()
+
+
+def test_chunks_state_inside_a_split_record_resumes_at_its_next_chunk():
+  elements = [{"x": 0, "source": 0}, {"chunks": [{"x": 1}, {"x": 2}, {"x": 3}], "source": 0},
+              {"x": 4, "source": 0}]
+  ds = _Chunks(grain.MapDataset.source(elements).to_iter_dataset())
+  it = iter(ds)
+  assert [next(it)["x"] for _ in range(2)] == [0, 1]
+  state = it.get_state()
+  assert "chunk" in state
+  rest = [(e["x"], e.get("part")) for e in it]
+  assert rest == [(2, 1), (3, 2), (4, None)]
+  again = iter(ds)
+  again.set_state(state)
+  assert [(e["x"], e.get("part")) for e in again] == rest
+  old = iter(ds)  # a state without "chunk" (as saved before splitting existed)
+  old.set_state({"next_index": 2})
+  assert [e["x"] for e in old] == [4]

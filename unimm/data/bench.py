@@ -190,9 +190,10 @@ def torch_batches(directory, cfg):
     for doc in loader:
       if "skip" in doc:
         continue
-      out = packer.add(doc)
-      if out is not None:
-        yield out
+      for part in doc.get("chunks", [doc]):  # a long interleaved record: its chunks
+        out = packer.add(part)
+        if out is not None:
+          yield out
 
 
 class FirstFit:

@@ -2,7 +2,7 @@
 
     python -m unimm.data.convert --format FORMAT --input PATH --output DIR \\
         [--images DIR] [--name DATASET] [--split train] [--docs-per-shard 10000] \\
-        [--max-pixels N]
+        [--max-pixels N] [--caption-column COL] [--image-column COL] [--url-column COL]
 
 FORMAT is one of `unimm.data.formats.FORMATS`. A progress bar goes to stderr;
 the last line on stdout is one JSON object
@@ -11,7 +11,13 @@ the last line on stdout is one JSON object
 
 which is also written, with the format, input and shard names, to
 DIR/info.json. Bad input (unknown format, missing input, tfds without --name,
-a non-empty output folder) is one `error: ...` line on stderr and exit status 2.
+a non-empty output folder, a --*-column that the parquet lacks) is one `error: ...`
+line on stderr and exit status 2.
+
+--caption-column / --image-column / --url-column read parquet variants of image-text
+pairs with `--format img2dataset`: LAION metadata with an image-bytes column, Hugging Face
+dataset exports (an image column of {bytes, path} structs). The url is kept in each
+document's meta; nothing is downloaded.
 """
 
 import argparse
@@ -45,6 +51,10 @@ def _parser():
   p.add_argument("--docs-per-shard", type=int, default=10_000)
   p.add_argument("--max-pixels", type=int, default=records.MAX_PIXELS,
                  help="images with more pixels are skipped as decompression bombs")
+  for what, example in (("caption", "TEXT"), ("image", "image"), ("url", "URL")):
+    p.add_argument(f"--{what}-column", default=None,
+                   help=f"img2dataset: the parquet column of the {what} (e.g. {example}) "
+                        "instead of img2dataset's own")
   return p
 
 
@@ -62,7 +72,9 @@ def main(argv) -> dict:
     raise UserError(f"--max-pixels must be >= 1, got {args.max_pixels}")
   stats = records.Stats()
   docs = formats.read(args.format, args.input, stats=stats, images_dir=args.images,
-                      name=args.name, split=args.split, max_pixels=args.max_pixels)
+                      name=args.name, split=args.split, max_pixels=args.max_pixels,
+                      columns={"caption": args.caption_column, "image": args.image_column,
+                               "url": args.url_column})
   writer = records.ShardWriter(args.output, args.docs_per_shard)
   for doc in tqdm(docs, desc=f"convert {args.format}", unit=" docs", file=sys.stderr,
                   dynamic_ncols=True):
@@ -71,6 +83,8 @@ def main(argv) -> dict:
   info = dict(summary, format=args.format, input=args.input)
   if args.format == "tfds":
     info.update(name=args.name, split=args.split)
+  columns = {f"{k}_column": getattr(args, f"{k}_column") for k in ("caption", "image", "url")}
+  info.update({k: v for k, v in columns.items() if v})
   writer.close(info)
   if not summary["documents"]:
     print(f"warning: no documents converted from {args.input} (skipped: {summary['skipped']})",

@@ -42,6 +42,7 @@ import re
 import tarfile
 import zipfile
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unimm.data import records
@@ -66,7 +67,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def read(fmt, input_path, *, stats, images_dir=None, name=None, split="train",
-         max_pixels=records.MAX_PIXELS):
+         max_pixels=records.MAX_PIXELS, columns=None):
   """Documents of `input_path` in format `fmt` (one of FORMATS), counted in `stats`.
 
   Args:
@@ -78,6 +79,9 @@ def read(fmt, input_path, *, stats, images_dir=None, name=None, split="train",
     name: the TFDS dataset name ("tfds" only).
     split: the TFDS split.
     max_pixels: images with more pixels are skipped as decompression bombs.
+    columns: img2dataset only: {"caption": name, "image": name, "url": name}, the parquet
+      columns to read instead of img2dataset's own (None or absent: the defaults), for
+      parquet variants such as LAION metadata with image bytes or Hugging Face exports.
 
   Returns:
     An iterator of documents. The input is checked when `read` is called; a
@@ -87,8 +91,15 @@ def read(fmt, input_path, *, stats, images_dir=None, name=None, split="train",
     raise UserError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
   input_path = os.fspath(input_path) if input_path is not None else None
   images_dir = os.fspath(images_dir) if images_dir is not None else None
+  columns = {k: v for k, v in (columns or {}).items() if v}
+  if columns and fmt != "img2dataset":
+    flags = ", ".join(f"--{k}-column" for k in columns)
+    raise UserError(f"{flags} apply to --format img2dataset (parquet image-text pairs), "
+                    f"not {fmt}")
   if fmt == "tfds":
     items = _tfds(input_path, name, split, max_pixels, stats)
+  elif fmt == "img2dataset":
+    items = _img2dataset(input_path, images_dir, max_pixels, stats, columns)
   else:
     items = _READERS[fmt](input_path, images_dir, max_pixels, stats)
   return _counted(items, stats)
@@ -252,8 +263,9 @@ def _beside(input_path, folder="images"):
 # ------------------------------------------------------------------ parquet
 
 
-def _parquet_files(input_path, required, fmt):
-  """[(path, column names)] of the parquet shards; a UserError naming missing columns.
+def _parquet_files(input_path, required, fmt, hint="", check=None):
+  """[(path, column names)] of the parquet shards; a UserError naming missing columns
+  (then `hint`), after `check(path, names)` of each shard (if given).
 
   `required` holds column names, or tuples of alternatives (any one will do)."""
   out = []
@@ -262,11 +274,13 @@ def _parquet_files(input_path, required, fmt):
       names = pq.read_schema(path).names
     except Exception as e:  # pyarrow raises several types for non-parquet files
       raise UserError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
+    if check:
+      check(path, names)
     missing = [c if isinstance(c, str) else " or ".join(c) for c in required
                if not (c in names if isinstance(c, str) else any(a in names for a in c))]
     if missing:
       raise UserError(f"{path} is not {fmt} parquet: missing column(s) {', '.join(missing)}; "
-                      f"it has {', '.join(names)}")
+                      f"it has {', '.join(names)}{hint}")
     out.append((path, names))
   return out
 
@@ -289,24 +303,58 @@ def _pair(rec, caption, image, meta):
   return _doc("t2i", [rec.text(caption, required=True), rec.image(image, "target")], meta)
 
 
-def _img2dataset(input_path, images_dir, max_pixels, stats):
+def _img2dataset(input_path, images_dir, max_pixels, stats, columns=None):
   """img2dataset parquet: `url`, `caption` (with --caption_col; old versions
   also `txt`), `key`, `status`, `error_message`, `width`, `height`,
   `original_width`, `original_height`, [`exif`], [`sha256`], and the image
   bytes in a column named by --encode_format (`jpg`, `png` or `webp`), null
-  where the download failed."""
+  where the download failed.
+
+  `columns` ({"caption", "image", "url"}: column names) reads parquet variants instead, e.g.
+  LAION metadata (`URL`, `TEXT`, `WIDTH`, `HEIGHT`, ...) with an image-bytes column, or a
+  Hugging Face export (an image column of {bytes, path} structs): the image column holds
+  bytes or such structs; the url column is kept as meta["url"] (nothing is downloaded)."""
   del images_dir
-  files = _parquet_files(input_path, [("jpg", "png", "webp"), ("caption", "txt")], "img2dataset")
+  columns = columns or {}
+  image_opts = (columns["image"],) if columns.get("image") else ("jpg", "png", "webp")
+  text_opts = (columns["caption"],) if columns.get("caption") else ("caption", "txt")
+  url_col = columns.get("url")
+  files = _parquet_files(input_path, [image_opts, text_opts], "img2dataset",
+                         hint=" (name others with --image-column / --caption-column)",
+                         check=lambda path, names: _check_named_columns(path, names, columns))
 
   def rows():
     for path, names in files:
-      image_col, text_col = _first(names, ("jpg", "png", "webp")), _first(names, ("caption", "txt"))
-      drop = {"jpg", "png", "webp", "caption", "txt", "exif"}
+      image_col, text_col = _first(names, image_opts), _first(names, text_opts)
+      drop = {"jpg", "png", "webp", "caption", "txt", "exif", image_col, text_col, url_col}
 
       def build(rec, row, image_col=image_col, text_col=text_col, drop=drop):
-        return _pair(rec, row[text_col], row[image_col], _scalar_meta(row, drop))
+        meta = _scalar_meta(row, drop)
+        if url_col:
+          meta["url"] = _meta(row[url_col])
+        return _pair(rec, row[text_col], row[image_col], meta)
       yield from _each(_parquet_rows(path), build, max_pixels, stats)
   return rows()
+
+
+def _check_named_columns(path, names, columns):
+  """A column named by --caption/image/url-column must exist, and an image column hold bytes
+  or {bytes, path} structs: else a one-line UserError."""
+  for what, column in columns.items():
+    if column not in names:
+      raise UserError(f"--{what}-column {column!r} is not a column of {path}: it has "
+                      f"{', '.join(names)}")
+  image = columns.get("image")
+  if image:
+    kind = pq.read_schema(path).field(image).type
+    if not (_is_binary(kind) or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+                                 and _is_binary(kind.field("bytes").type))):
+      raise UserError(f"--image-column {image!r} of {path} holds {kind}, not image bytes "
+                      "(binary, or a {bytes, path} struct as Hugging Face exports write)")
+
+
+def _is_binary(kind):
+  return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
 
 def _webdataset(input_path, images_dir, max_pixels, stats):

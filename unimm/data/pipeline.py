@@ -6,7 +6,10 @@
       -> [process::processes]   (shard after repeat: no record twice or lost)
       -> _Load                  (decode into aspect buckets, caption flip,
                                  condition_dropout, encode_document; bad
-                                 records become counted skip markers)
+                                 records become counted skip markers; an
+                                 interleaved document longer than data.seq_len
+                                 is split at segment boundaries, `split_document`)
+      -> _Chunks                (a split record's chunks, one document each)
     -> IterDataset.mix          (by weight)
     -> _CountSkips              (skip counts ride along with the documents)
     -> first-fit packing        (several documents per row of data.seq_len)
@@ -380,7 +383,9 @@ class _Load(grain.transforms.Map):
 
       {"skip": reason, "detail": str, "source": k}
 
-  for a record that cannot be used (counted downstream, never raised). Raw
+  for a record that cannot be used (counted downstream, never raised), or, for an interleaved
+  document longer than data.seq_len, {"chunks": [encoded documents], "source": k}
+  (`split_document`; each chunk keeps the record's origin, `_Chunks` expands them). Raw
   records (bytes) are unpacked and their images decoded into the nearest
   aspect-ratio bucket; built-in documents (dicts of arrays) go straight on.
   Its random decisions (condition dropout, caption flip) draw from
@@ -409,10 +414,14 @@ class _Load(grain.transforms.Map):
         doc = condition_dropout(doc, rng, self.dropout, self.image_dropout)
       out = encode_document(doc, self.tok, self.patcher)
       n = len(out["tokens"])
-      if n > self.seq_len:
+      if n <= self.seq_len:
+        return {**_to_packed(out), "source": self.k, "origin": origin}
+      if doc.get("task") not in SPLIT_TASKS:
         raise records.Skip(TOO_LONG, f"a {doc.get('task')!r} document needs {n} positions but "
                            f"data.seq_len is {self.seq_len}")
-      return {**_to_packed(out), "source": self.k, "origin": origin}
+      chunks = split_document(doc, self.tok, self.patcher, self.seq_len)
+      return {"chunks": [{**_to_packed(encode_document(c, self.tok, self.patcher)),
+                          "origin": origin} for c in chunks], "source": self.k}
     except records.Skip as e:
       return {"skip": e.reason, "detail": e.detail, "source": self.k}
 
@@ -429,6 +438,98 @@ class _Load(grain.transforms.Map):
     return {**doc, "segments": segments}
 
 
+# ------------------------------------------------------------ long documents
+
+# Tasks whose documents are split at segment boundaries when longer than data.seq_len (the
+# interleaved web documents of mmc4 / obelics); any other too-long document is skipped.
+SPLIT_TASKS = ("interleaved",)
+
+
+def split_document(doc, tok, patcher, seq_len):
+  """A document longer than seq_len -> [documents], consecutive runs of its whole segments in
+  order, each encoding to <= seq_len positions (with its own <bos> / <eos>), as
+  interleaved-data trainers do.
+
+  Greedy: a chunk takes segments while they fit; a chunk ending in a text followed by an
+  image that did not fit hands that text on, so the next chunk starts with the text that
+  leads into its image (where the text and image fit together). A segment that alone needs
+  more than seq_len positions makes the document a Skip("too_long")."""
+  segments, task = doc["segments"], doc.get("task")
+  sizes = [len(encode_document({**doc, "segments": [seg]}, tok, patcher, add_eos=False)["tokens"])
+           - 1 for seg in segments]  # minus <bos>: encodings add up, plus <bos> and <eos>
+  room = seq_len - 2
+  for k, n in enumerate(sizes):
+    if n > room:
+      raise records.Skip(TOO_LONG, f"segment {k} of a {task!r} document needs {n + 2} "
+                         f"positions but data.seq_len is {seq_len}")
+  chunks, start, used = [], 0, 0
+  for k, n in enumerate(sizes):
+    if used + n <= room:
+      used += n
+      continue
+    end = k
+    if (k - start > 1 and segments[k - 1].get("kind") == "text"
+        and segments[k].get("kind") == "image" and sizes[k - 1] + n <= room):
+      end = k - 1  # the text leading into the image starts the next chunk
+    chunks.append(segments[start:end])
+    start, used = end, sum(sizes[end:k + 1])
+  chunks.append(segments[start:])
+  return [{**doc, "segments": c} for c in chunks]
+
+
+class _Chunks(grain.IterDataset):
+  """One source's stream with each split record ({"chunks": [...]}, from _Load) expanded
+  into its documents; the first carries part 0, the others part 1, 2, ... (`_CountSkips`
+  counts the record once, as read and split).
+
+  Checkpoint state: within a split record, the parent's state before that record plus
+  "chunk" (the next chunk; the record is read and split again on restore, deterministically);
+  otherwise the parent's own state, so a state saved before splitting existed restores."""
+
+  def __iter__(self):
+    return _ChunksIterator(self._parent.__iter__())
+
+
+class _ChunksIterator(grain.DatasetIterator):
+
+  def __init__(self, parent):
+    super().__init__(parent)
+    self.before, self.chunks, self.next_chunk = None, [], 0
+
+  def __next__(self):
+    if self.next_chunk < len(self.chunks):
+      return self._take()
+    before = self._parent.get_state()
+    element = next(self._parent)
+    if "chunks" not in element:
+      self.chunks, self.next_chunk = [], 0
+      return element
+    self.before, self.chunks, self.next_chunk = before, self._parts(element), 0
+    return self._take()
+
+  def _take(self):
+    self.next_chunk += 1
+    return self.chunks[self.next_chunk - 1]
+
+  @staticmethod
+  def _parts(element):
+    return [{**c, "source": element["source"], "part": j} for j, c in enumerate(element["chunks"])]
+
+  def get_state(self):
+    if self.next_chunk < len(self.chunks):
+      return {**self.before, "chunk": self.next_chunk}
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    state = dict(state)
+    chunk = state.pop("chunk", None)
+    self._parent.set_state(state)
+    self.chunks, self.next_chunk = [], 0
+    if chunk is not None:
+      self.before = state
+      self.chunks, self.next_chunk = self._parts(next(self._parent)), int(chunk)
+
+
 # ------------------------------------------------------- skips and their rate
 
 TOO_LONG = "too_long"
@@ -436,6 +537,11 @@ SKIP_REASONS = ("malformed_record", records.BAD_LATENT, records.EMPTY_IMAGE,
                 records.UNDECODABLE_IMAGE,
                 records.TRUNCATED_IMAGE, records.DECOMPRESSION_BOMB, records.MISSING_IMAGE,
                 TOO_LONG, "other")
+# Per source, the counts are: records read, skipped by reason (SKIP_REASONS), split into
+# several documents (SPLIT, the last column; added after the reasons, so their columns keep
+# their places).
+SPLIT = 1 + len(SKIP_REASONS)
+COUNT_WIDTH = SPLIT + 1
 
 
 def check_error_rate(name, read, skipped, max_rate, min_records, details=None):
@@ -456,7 +562,8 @@ def check_error_rate(name, read, skipped, max_rate, min_records, details=None):
 class _CountSkips(grain.IterDataset):
   """Drops skip markers, counting them by (source, reason); each document that
   passes carries the counts since the previous one as `stats`, a vector of
-  num_sources x (1 + len(SKIP_REASONS)): records read, then skips by reason.
+  num_sources x COUNT_WIDTH: records read, skips by reason, records split. A split
+  record's chunks (`_Chunks`) count once: as read and split at their first.
   Raises (check_error_rate) when the records this iterator has read pass the
   error threshold, so an all-bad source stops instead of spinning."""
 
@@ -473,7 +580,7 @@ class _CountSkipsIterator(grain.DatasetIterator):
   def __init__(self, parent, ds):
     super().__init__(parent)
     self.ds = ds
-    self.width = 1 + len(SKIP_REASONS)
+    self.width = COUNT_WIDTH
     self.pending = np.zeros((len(ds.names), self.width), np.int32)
     self.totals = np.zeros((len(ds.names), self.width), np.int64)  # this worker's, for the check
     self.details = {}
@@ -481,9 +588,13 @@ class _CountSkipsIterator(grain.DatasetIterator):
   def __next__(self):
     while True:
       element = dict(next(self._parent))
-      k = element.pop("source")
-      self.pending[k, 0] += 1
-      self.totals[k, 0] += 1
+      k, part = element.pop("source"), element.pop("part", None)
+      if not part:  # a record, or the first chunk of a split one
+        self.pending[k, 0] += 1
+        self.totals[k, 0] += 1
+      if part == 0:
+        self.pending[k, SPLIT] += 1
+        self.totals[k, SPLIT] += 1
       if "skip" not in element:
         stats, self.pending = self.pending.reshape(-1), np.zeros_like(self.pending)
         return {**element, "stats": stats}
@@ -493,7 +604,7 @@ class _CountSkipsIterator(grain.DatasetIterator):
       self.totals[k, 1 + r] += 1
       self.details[SKIP_REASONS[r]] = element.get("detail") or reason
       check_error_rate(self.ds.names[k], int(self.totals[k, 0]),
-                       dict(zip(SKIP_REASONS, self.totals[k, 1:].tolist())),
+                       dict(zip(SKIP_REASONS, self.totals[k, 1:SPLIT].tolist())),
                        self.ds.max_rate, self.ds.min_records, self.details)
 
   def get_state(self):
@@ -600,7 +711,7 @@ def make_dataset(cfg, *, shard=0, shards=1, source=None):
   bucket / tokenize (`_Load`). The sources are mixed by weight
   (`IterDataset.mix`), skips are counted (`_CountSkips`), documents are packed
   first-fit into rows of data.seq_len and batched. Batches carry
-  `data_stats` ([rows, sources x (1 + reasons)] counts) that `DataIterator`
+  `data_stats` ([rows, sources x COUNT_WIDTH] counts) that `DataIterator`
   takes out.
   """
   d = cfg.data
@@ -636,8 +747,8 @@ def document_stream(cfg, *, shard=0, shards=1, source=None, tok=None):
     ds = shuffle(ds, [int(cfg.seed), k]).repeat(None)
     ds = ds.map_with_index(_with_position)[shard::shards]
     ds = ds.map(_Load(k, tok, patcher, d, int(cfg.seed)))
-    streams[name] = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=int(getattr(d, "read_threads", 2)), prefetch_buffer_size=32))
+    streams[name] = _Chunks(ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=int(getattr(d, "read_threads", 2)), prefetch_buffer_size=32)))
     weights[name] = weight
   it = grain.IterDataset.mix(streams, weights)
   return _CountSkips(it, list(sources), float(getattr(d, "max_error_rate", 0.05)),
@@ -733,13 +844,13 @@ class DataIterator(grain.DatasetIterator):
     self.num_workers = int(cfg.data.num_workers)
     self.max_rate = float(getattr(cfg.data, "max_error_rate", 0.05))
     self.min_records = int(getattr(cfg.data, "error_min_records", 100))
-    width = 1 + len(SKIP_REASONS)
-    self.shard_counts = np.zeros((len(self.shard_ids), len(self.names), width), np.int64)
+    self.shard_counts = np.zeros((len(self.shard_ids), len(self.names), COUNT_WIDTH), np.int64)
     self.origins = []  # the last batch's documents: [source index, record id] each
 
   @property
   def counts(self):
-    """[sources, 1 + reasons]: records read and skipped by reason, over this process's shards."""
+    """[sources, COUNT_WIDTH]: records read, skipped by reason and split, over this process's
+    shards."""
     return self.shard_counts.sum(0)
 
   def __next__(self):
@@ -751,7 +862,8 @@ class DataIterator(grain.DatasetIterator):
       self.origins += [o for row in part.pop("data_origin") for o in np.asarray(row).tolist()]
     counts = self.counts
     for k, name in enumerate(self.names):
-      check_error_rate(name, int(counts[k, 0]), dict(zip(SKIP_REASONS, counts[k, 1:].tolist())),
+      check_error_rate(name, int(counts[k, 0]),
+                       dict(zip(SKIP_REASONS, counts[k, 1:SPLIT].tolist())),
                        self.max_rate, self.min_records)
     if len(parts) == 1:
       return parts[0]
@@ -767,8 +879,9 @@ class DataIterator(grain.DatasetIterator):
                      f"{', '.join(map(str, sorted(set(ids))))}" for name, ids in by_source.items())
 
   def metrics(self, counts=None):
-    """{"data/read/<source>": n, "data/skipped/<source>/<reason>": n (n > 0)} of `counts`
-    (default: this process's; the loop passes the sum over processes)."""
+    """{"data/read/<source>": n, "data/skipped/<source>/<reason>": n, "data/split/<source>": n
+    (both n > 0)} of `counts` (default: this process's; the loop passes the sum over
+    processes). A split record counts once in read, and its chunks are trained on."""
     counts = self.counts if counts is None else counts
     out = {}
     for k, name in enumerate(self.names):
@@ -776,6 +889,8 @@ class DataIterator(grain.DatasetIterator):
       for r, reason in enumerate(SKIP_REASONS):
         if counts[k, 1 + r]:
           out[f"data/skipped/{name}/{reason}"] = int(counts[k, 1 + r])
+      if counts[k, SPLIT]:
+        out[f"data/split/{name}"] = int(counts[k, SPLIT])
     return out
 
   def get_state(self):
@@ -810,7 +925,7 @@ class DataIterator(grain.DatasetIterator):
     for j, (k, it) in enumerate(zip(self.shard_ids, self._parents)):
       shard = state["shard_states"][str(k)]
       it.set_state(shard["stream"])
-      self.shard_counts[j] = np.asarray(shard["counts"], np.int64).reshape(self.shard_counts.shape[1:])
+      self.shard_counts[j] = _restore_counts(shard["counts"], len(self.names))
 
   def start_prefetch(self):
     for it in self._parents:
@@ -821,6 +936,19 @@ class DataIterator(grain.DatasetIterator):
     for it in self._parents:
       if hasattr(it, "close"):
         it.close()
+
+
+def _restore_counts(saved, sources):
+  """A checkpoint's counts -> [sources, COUNT_WIDTH]; counts saved before the split column
+  existed ([sources, SPLIT]) restore with no records split."""
+  counts = np.asarray(saved, np.int64)
+  if counts.ndim == 2 and counts.shape == (sources, SPLIT):
+    counts = np.concatenate([counts, np.zeros((sources, COUNT_WIDTH - SPLIT), np.int64)], 1)
+  if counts.shape != (sources, COUNT_WIDTH):
+    raise UserError(f"the checkpoint's data counts have shape {list(counts.shape)}, this version "
+                    f"of unimm keeps [{sources}, {COUNT_WIDTH}] (sources x read, skip reasons, "
+                    "split): start a new workdir")
+  return counts
 
 
 def make_iterator(cfg, *, process_index=0, process_count=1, source=None):
