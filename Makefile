@@ -11,7 +11,10 @@ WORKDIR ?= runs/demo
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-compile -e ".[test]"
+	# byte-compile on every core (pip compiles on one; imports need the .pyc files when
+	# PYTHONDONTWRITEBYTECODE is set)
+	-$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null
 	touch $@
 
 setup: $(VENV)/.installed

@@ -60,17 +60,6 @@ def test_training_reduces_reconstruction_and_writes_eval(tmp_path, kind, quantiz
   assert os.listdir(tmp_path / "tb") and os.listdir(tmp_path / "checkpoints")
 
 
-def test_restart_continues_from_the_saved_step(tmp_path):
-  cfg = tiny("vq", "vq", steps=3)
-  state, _ = _train(cfg, tmp_path)
-  cfg.train.steps = 5
-  lines = []
-  state2, result = _train(cfg, tmp_path, lines)
-  assert lines[0].startswith("step 3 of 5")
-  assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5]
-  assert int(state2["step"]) == 5 and result["step"] == 5
-
-
 @pytest.mark.parametrize("flag,word", [("--config.tokenizer.kind=gan", "tokenizer.kind"),
                                        ("--config.tokenizer.quantizer=rvq", "tokenizer.quantizer")])
 def test_bad_config_is_one_line(tmp_path, capsys, monkeypatch, flag, word):
@@ -125,6 +114,7 @@ def test_missing_perceptual_file_is_one_line_error_naming_it(tmp_path):
 
 
 def test_gan_starts_at_disc_start_trains_the_discriminator_and_resumes(tmp_path):
+  """(also: a restart with more steps continues from the saved step)"""
   import numpy as np
   from unimm.models.perceptual import write_random_weights
   c = tiny("vq", "vq", steps=4)
@@ -150,6 +140,13 @@ def test_gan_starts_at_disc_start_trains_the_discriminator_and_resumes(tmp_path)
   assert lines[0].startswith("step 4 of 4")
   for a, b in zip(disc, jax.tree.leaves(jax.device_get(state2["disc_params"]))):
     np.testing.assert_array_equal(a, b)
+  # More steps in the same workdir: training continues from the saved step.
+  c.train.steps = 5
+  lines = []
+  state3, result = _train(c, work, lines)
+  assert lines[0].startswith("step 4 of 5")
+  assert [r["step"] for r in _metrics(work)] == [1, 2, 3, 4, 5]
+  assert int(state3["step"]) == 5 and result["step"] == 5
 
 
 def _initial_disc_params(cfg):

@@ -23,7 +23,8 @@ XLA_FLAGS = "--xla_force_host_platform_device_count=1 --xla_backend_optimization
 
 
 def _run(*args):
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=XLA_FLAGS)
+  # (and most XLA optimisations off: these runs compile far more than they run)
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=XLA_FLAGS, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
                      cwd=ROOT, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -212,8 +212,17 @@ def test_experts_not_dividing_the_expert_axis_is_one_line(vocab_size):
   assert_one_line(e, "model.moe.experts=6", "mesh.expert=4")
 
 
+@pytest.fixture
+def _quick():
+  """XLA with most optimisations off (tests/helpers.quick_compiles): these compile more than
+  they run."""
+  from tests.helpers import quick_compiles  # pylint: disable=import-outside-toplevel
+  with quick_compiles():
+    yield
+
+
 @pytest.mark.parametrize("recipe", ["moe_unified.py", "mot.py"])
-def test_recipes_train_log_and_sample(recipe, tmp_path):
+def test_recipes_train_log_and_sample(recipe, tmp_path, _quick):
   """The two recipes, shrunk: the loss on a fixed batch falls, the train log carries the
   routing statistics, a checkpoint restores, and every sampling mode runs (KV-cached text
   decoding through routed / modality experts)."""

@@ -276,7 +276,8 @@ def run_faults(workdir, train_args, kills=20, save_kills=5, sigterm=1, kill_ever
       "starts": len(starts), "steps": ref_steps,
       "steps_trained_again": sum(len(ds) - 1 for ds in by_step.values()),
       "starts_after_a_partial_save": sum(e.get("reached_training", False) for e in events),
-      "partial_saves_reported": sum(e.get("partial_save_reported", False) for e in events),
+      "partial_saves_reported": sum(e.get("reached_training", False)
+                                    and e.get("partial_save_reported", False) for e in events),
       "reference_s": round(ref.seconds, 1),
       "faulted_s": round(sum(s.seconds for s in starts), 1),
       "same_params_and_optimizer": bool(same_state), "same_data_order": bool(same_data)}

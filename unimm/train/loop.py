@@ -10,6 +10,7 @@ A workdir may be local or on a bucket (gs://...: every file goes through etils.e
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -305,5 +306,12 @@ def summary_writer(path):
   """A TensorBoard writer on process 0 (None elsewhere)."""
   if jax.process_index() != 0:
     return None
-  from tensorboardX import SummaryWriter
+  blocked = "torch" not in sys.modules
+  if blocked:  # tensorboardX imports torch when it is installed (2 s a start); we log floats
+    sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if blocked:
+      del sys.modules["torch"]
   return SummaryWriter(path)
