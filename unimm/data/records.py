@@ -32,7 +32,7 @@ import msgpack
 import numpy as np
 from PIL import Image, ImageOps
 
-from unimm.errors import UserError, read_json
+from unimm.errors import UserError, one_line, read_json
 
 VERSION = 1
 SHARD_PATTERN = "docs-*.array_record"
@@ -125,7 +125,7 @@ def image_file(path, flag, size=None, max_pixels: int = MAX_PIXELS):
     fixed, repair = check_image(data, max_pixels)
     return decode_image(fixed, size=size, max_pixels=max_pixels), repair
   except Skip as e:
-    detail = "" if not e.detail or e.reason == UNDECODABLE_IMAGE else f" ({_one_line(e.detail)})"
+    detail = "" if not e.detail or e.reason == UNDECODABLE_IMAGE else f" ({one_line(e.detail)})"
     raise UserError(f"{flag} {path} is {DESCRIPTIONS.get(e.reason, e.reason)}{detail}: give a "
                     "PNG, JPEG, WebP, BMP or TIFF image") from None
 
@@ -133,10 +133,6 @@ def image_file(path, flag, size=None, max_pixels: int = MAX_PIXELS):
 def repair_note(flag, path, repair):
   """The one line that says an image file named on the command line was converted."""
   return f"note: {flag} {path} is {DESCRIPTIONS.get(repair, repair)}: converted to 8-bit RGB"
-
-
-def _one_line(text):
-  return " ".join(str(text).split())
 
 
 def _open(data, max_pixels):
@@ -431,7 +427,7 @@ def shard_error(paths, error) -> UserError:
     except UserError as e:
       return e
   return UserError(f"the shards of {os.path.dirname(paths[0])} cannot be read "
-                   f"({type(error).__name__}: {_one_line(error)})")
+                   f"({type(error).__name__}: {one_line(error)})")
 
 
 def open_shard(path):

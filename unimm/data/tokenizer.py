@@ -18,7 +18,7 @@ processes get their own copy cheaply.
 import json
 import os
 
-from unimm.errors import UserError
+from unimm.errors import UserError, one_line
 
 BOS, BOI, EOI = "<bos>", "<boi>", "<eoi>"
 SPECIAL_TOKENS = (BOS, BOI, EOI)
@@ -136,5 +136,4 @@ def _why(spec, error):
         "auto_map" in data):
       return (f"its {name} names custom code (auto_map), and unimm never runs a checkpoint's "
               "code (no trust_remote_code)")
-  text = " ".join(str(error).split())
-  return text or type(error).__name__
+  return one_line(error)
