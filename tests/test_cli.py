@@ -50,8 +50,14 @@ def test_train_eval_sample(tmp_path):
        "--out", out)
   from PIL import Image
   assert Image.open(out).size == (16, 16)
-  r = _run("unimm.sample", "--workdir", work, "--mode", "caption", "--image", out)
-  assert isinstance(r.stdout, str)
+  # the run as a curation judge: caption scores, a recaption per pair, the one-line summary
+  from unimm.data import curate
+  curate.corrupt(str(tmp_path / "pairs"), n=6, rate=0.0, image_size=16)
+  r = _run("unimm.data.curate", "--input", str(tmp_path / "pairs"), "--output",
+           str(tmp_path / "judged"), "--judge", work, "--min-caption-score", "-1000", "--recaption")
+  assert json.loads(r.stdout.strip().splitlines()[-1])["written"] == 6
+  rows = curate.measure_captions(str(tmp_path / "judged"))
+  assert rows["documents"] == 6 and rows["original/exact"] == 1.0
   # (--resume from the CLI: tests/test_multihost.py continues a run in the same workdir)
 
 

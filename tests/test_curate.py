@@ -88,7 +88,7 @@ def test_dedup_finds_planted_duplicates_across_folders(tmp_path):
   result = curate.measure(out, str(tmp_path / "raw" / curate.FAULTS_FILE))
   for kind in ("near_duplicate", "exact_duplicate", "flat_image"):
     assert result[kind]["precision"] >= 0.95 and result[kind]["recall"] >= 0.95, (kind, result)
-  assert result["wrong_caption"]["reason"] is None  # needs a model score
+  assert result["wrong_caption"]["flagged"] == 0  # caption_mismatch needs a judge
   # A second folder repeating the first: duplicates are found across folders, the first kept.
   curate.corrupt(str(tmp_path / "copy"), n=60, rate=0.3, seed=1)
   both = curate.curate([str(tmp_path / "raw"), str(tmp_path / "copy")], str(tmp_path / "both"),

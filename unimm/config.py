@@ -156,6 +156,8 @@ def defaults() -> ml_collections.ConfigDict:
       mixture="shapes",
       max_aspect=1.0,      # >1: images go to aspect-ratio buckets up to this ratio (1: centre-cropped squares)
       pair_caption_prob=0.3,  # share of converted image-text pairs read as captioning (image, then text)
+      recaption_prob=0.0,  # share of converted pairs read with the model caption that curation wrote
+                           # (meta recaption: python -m unimm.data.curate --recaption), not the original
       max_error_rate=0.05, # a source whose skipped share of records passes this stops the run
       error_min_records=100,  # ... once this many of its records were read
   )

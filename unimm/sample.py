@@ -74,6 +74,17 @@ def _check_checkpoint(workdir):
                     f"there first (python -m unimm.train ... --workdir {workdir})")
 
 
+def load_sampler(workdir, cfg=None):
+  """The sampler of a training workdir's latest checkpoint, on one device; cfg defaults to
+  the workdir's config.json. One-line UserErrors for a workdir without either."""
+  cfg = cfg or _workdir_config({"workdir": workdir})
+  _check_checkpoint(workdir)
+  from unimm.train.loop import Run  # pylint: disable=import-outside-toplevel
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)  # sampling runs on one device
+  run = Run(cfg, workdir, devices=jax.devices()[:1], with_data=False)
+  return sampler_from_run(run, run.restore_or_init(require=True))
+
+
 def main(argv):
   cfg, opts = parse_args(argv, flags=("workdir", "mode", "prompt", "image", "out", "seed"),
                          switches=(), default_config=_workdir_config)
@@ -87,13 +98,9 @@ def main(argv):
   image = None
   if mode in ("caption", "answer", "edit"):  # checked before any model is built
     image = _load_image(opts["image"], int(cfg.data.image_size))
-  _check_checkpoint(opts["workdir"])
-  from unimm.eval.run import evaluate  # pylint: disable=import-outside-toplevel
-  from unimm.train.loop import Run  # pylint: disable=import-outside-toplevel
-  cfg.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)  # sampling runs on one device
-  run = Run(cfg, opts["workdir"], devices=jax.devices()[:1], with_data=False)
-  sampler = sampler_from_run(run, run.restore_or_init(require=True))
+  sampler = load_sampler(opts["workdir"], cfg)
   if mode == "eval":
+    from unimm.eval.run import evaluate  # pylint: disable=import-outside-toplevel
     evaluate(sampler, cfg, opts["workdir"])
   elif mode == "t2i":
     _save(sampler.text_to_image([prompt], seed=seed)[0], opts["out"] or "sample.png")

@@ -1,8 +1,12 @@
-"""Curates converted folders: measures every record, filters, deduplicates, writes a new folder.
+"""Curates converted folders: measures every record, filters, deduplicates, scores with a
+trained model, recaptions and mines new documents, and writes a new folder.
 
-    python -m unimm.data.curate --input DIR [--input DIR ...] --output DIR [filter flags]
+    python -m unimm.data.curate --input DIR [--input DIR ...] --output DIR [flags]
     python -m unimm.data.curate corrupt --output DIR [--n 2000] [--rate 0.3] [--seed 0]
     python -m unimm.data.curate measure --output DIR --truth DIR/faults.json
+    python -m unimm.data.curate stories --output DIR [--n 300]
+    python -m unimm.data.curate measure-mining --output DIR --truth T --input DIR
+    python -m unimm.data.curate measure-captions --output DIR
 
 The first streams the records of the input folders (the ArrayRecord schema of
 `unimm.data.records`, in order, folder after folder), measures each document's images and
@@ -21,22 +25,33 @@ rule off):
                          characters or < --min-words words
     caption_too_long     > --max-chars characters or > --max-words words
     few_letters          letters / non-space characters < --min-letter-share
+    caption_mismatch     with --judge DIR: the caption's mean log-likelihood per token given
+                         the image (`unimm.data.judge`) < --min-caption-score (-0.2 for the
+                         demo checkpoint; default off, scores are still written)
+    unscored             with --judge and --unscored drop: a document the judge cannot score
+                         (not one image and a caption); --unscored keep (default) keeps and
+                         counts them ("unscored" in the summary)
     exact_duplicate      the same decoded pixels (sha256) as an earlier kept document
     near_duplicate       perceptual hash (`phash`) within --phash-distance bits (of 3072) of an earlier kept document
 
 Duplicates are looked for across all input folders and the first one is kept. Kept
-documents go, unchanged, to DIR/docs-NNNNN.array_record (one shard per chunk of --chunk
-input records) with DIR/info.json (written last, as by convert), so DIR is a data source
-for `data.mixture`. DIR/curation.parquet holds one row per input record: source folder,
-record id, every measured property, decision ("keep" / "drop"), reason and, for a
-duplicate, the record it repeats. A run stopped part-way and started again with the same
+documents go to DIR/docs-NNNNN.array_record (one shard per chunk of --chunk input records)
+with DIR/info.json (written last, as by convert), so DIR is a data source for
+`data.mixture`; --recaption adds the judge's caption to each kept pair's meta, --mine
+writes mined documents instead (`Models`; the candidates and their scores in
+DIR/mined.parquet). DIR/curation.parquet holds one row per input record: source folder,
+record id, every measured property and score, decision ("keep" / "drop"), reason and, for
+a duplicate, the record it repeats. A run stopped part-way and started again with the same
 arguments resumes after the last finished chunk (DIR/curate_state.json) and writes each
 record once. The last stdout line is one JSON object
 
-    {"read": N, "kept": N, "dropped": {reason: n, ...}, "written": N}
+    {"read": N, "kept": N, "dropped": {reason: n, ...}, ["unscored": n, "mined": n, ...]
+     "written": N}
 
 `corrupt` writes a Shapes text-to-image folder with planted faults at known positions and
-`measure` scores a curation against them (see `corrupt` and `measure`).
+`measure` scores a curation against them; `stories` writes an MMC4 shard of Shapes stories
+and `measure-mining` scores the edit pairs mined from it; `measure-captions` scores a
+recaptioned Shapes folder with ShapesEval's caption parser.
 """
 
 import argparse
@@ -55,13 +70,15 @@ from unimm.errors import UserError, cli, read_json
 STATE_FILE = "curate_state.json"
 TABLE_FILE = "curation.parquet"
 PARTS_DIR = "curation-parts"
+MINED_FILE = "mined.parquet"
+MINED_PARTS_DIR = "mined-parts"
 FAULTS_FILE = "faults.json"
 HASH_INPUT = 32    # phash: each colour channel of the image resized to 32x32, vs mid-grey
 HASH_BITS = 3 * HASH_INPUT * HASH_INPUT
 # Planted fault kinds (corrupt) -> the curation reason that should find each one.
 FAULT_KINDS = ("wrong_caption", "near_duplicate", "exact_duplicate", "flat_image")
 FINDS = {"near_duplicate": "near_duplicate", "exact_duplicate": "exact_duplicate",
-         "flat_image": "flat_image", "wrong_caption": None}  # None: needs a model score
+         "flat_image": "flat_image", "wrong_caption": "caption_mismatch"}
 
 
 @dataclasses.dataclass
@@ -80,6 +97,7 @@ class Filters:
   min_letter_share: float = 0.5
   exact_dedup: bool = True
   phash_distance: int = 8
+  min_caption_score: float = float("-inf")  # needs --judge; -0.2 for the demo checkpoint
 
 
 # ------------------------------------------------------------------ measuring
@@ -303,8 +321,9 @@ def _write_json(path, value):
   os.replace(tmp, path)
 
 
-def _write_chunk(output, chunk, docs, rows):
-  """A chunk's shard (if it kept any document) and table part, each written whole then renamed."""
+def _write_chunk(output, chunk, docs, rows, mined_rows=None):
+  """A chunk's shard (if it wrote any document) and table parts, each written whole then
+  renamed."""
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
@@ -317,11 +336,15 @@ def _write_chunk(output, chunk, docs, rows):
       writer.write(rec)
     writer.close()
     os.replace(tmp, os.path.join(output, name))
-  parts = os.path.join(output, PARTS_DIR)
-  os.makedirs(parts, exist_ok=True)
-  path = os.path.join(parts, f"part-{chunk:05d}.parquet")
-  pq.write_table(pa.Table.from_pylist(rows, schema=TABLE_SCHEMA), path + ".tmp")
-  os.replace(path + ".tmp", path)
+  tables = [(PARTS_DIR, rows, TABLE_SCHEMA)]
+  if mined_rows is not None:
+    tables.append((MINED_PARTS_DIR, mined_rows, MINED_SCHEMA))
+  for folder, part_rows, schema in tables:
+    parts = os.path.join(output, folder)
+    os.makedirs(parts, exist_ok=True)
+    path = os.path.join(parts, f"part-{chunk:05d}.parquet")
+    pq.write_table(pa.Table.from_pylist(part_rows, schema=schema), path + ".tmp")
+    os.replace(path + ".tmp", path)
   return name
 
 
@@ -331,28 +354,198 @@ def _table_schema():
   return pa.schema([("source", s), ("record", i64), ("task", s), ("images", i64),
                     ("width", i64), ("height", i64), ("aspect", f64), ("std", f64),
                     ("entropy", f64), ("jpeg_quality", i64), ("chars", i64), ("words", i64),
-                    ("letter_share", f64), ("sha256", s), ("phash", s), ("decision", s),
-                    ("reason", s), ("duplicate_of", s), ("hamming", i64)])
+                    ("letter_share", f64), ("sha256", s), ("phash", s), ("caption_score", f64),
+                    ("recaption", s), ("mined", i64), ("decision", s), ("reason", s),
+                    ("duplicate_of", s), ("hamming", i64)])
 
 
-TABLE_SCHEMA = None  # set on first use (pyarrow is imported lazily)
+TABLE_SCHEMA = MINED_SCHEMA = None  # set on first use (pyarrow is imported lazily)
+
+
+@dataclasses.dataclass
+class Models:
+  """What curation asks a judge (`unimm.data.judge`, a local model directory) for.
+
+  unscored: "keep" or "drop" the documents a judge cannot score (not one image and a
+  caption: edits, interleaved documents, text only), counted either way. recaption: write
+  the judge's caption of each kept pair into meta["recaption"] (the original caption stays
+  in the text and in meta["original_caption"]; data.recaption_prob picks between them).
+  mine: "" (keep the documents), "edits" (edit pairs from interleaved documents: two
+  successive images, the text between them as the instruction, kept when the judge's
+  `explained` score (`unimm.data.judge`: how much the source and the text explain the
+  target) is in [min_explained, max_explained] and the two images are not near-duplicates
+  (phash within --phash-distance: no edit happened)),
+  "groups" (every such image-text-image group, BAGEL-style, no band) or "reasoning"
+  (captioned pairs -> prompt, the judge's description of the image as a text with loss,
+  then the image). Mined documents replace their sources in the output unless keep_sources.
+  """
+  judge: str = ""
+  unscored: str = "keep"
+  recaption: bool = False
+  mine: str = ""
+  min_explained: float = 0.2  # measured on the demo checkpoint (README, "Curating data")
+  max_explained: float = 1.0
+  keep_sources: bool = False
+  batch_size: int = 0
+
+
+MINE_KINDS = ("", "edits", "groups", "reasoning")
+
+
+def _check_models(m: Models, f: Filters):
+  if m.unscored not in ("keep", "drop"):
+    raise UserError(f"--unscored {m.unscored}: use keep or drop")
+  if m.mine not in MINE_KINDS:
+    raise UserError(f"--mine {m.mine}: use one of {', '.join(k for k in MINE_KINDS if k)}")
+  needs = [what for what, on in (("--min-caption-score", f.min_caption_score > float("-inf")),
+                                 ("--recaption", m.recaption),
+                                 (f"--mine {m.mine}", m.mine in ("edits", "reasoning")))
+           if on]
+  if needs and not m.judge:
+    raise UserError(f"{needs[0]} needs --judge DIR (a training workdir, e.g. runs/demo, or a "
+                    "local Hugging Face vision-language checkpoint)")
+
+
+def _pair(doc):
+  """(image bytes, caption) of a document with exactly one image and some text, else None."""
+  images = [g for g in doc["segments"] if g["kind"] == "image" and isinstance(g.get("bytes"), bytes)]
+  text = caption_of(doc)
+  n_images = sum(g["kind"] == "image" for g in doc["segments"])
+  return (images[0]["bytes"], text) if n_images == 1 and images and text else None
+
+
+def _decode(data, judge):
+  size = getattr(judge, "image_size", None)
+  return records.decode_image(data, size=(size, size) if size else None)
+
+
+def _score(items, judge, filters: Filters, models: Models, counts):
+  """Caption scores of the scorable items still kept; drops by caption_mismatch / unscored."""
+  todo, images, captions = [], [], []
+  for it in items:
+    if it["reason"] is not None:
+      continue
+    pair = _pair(it["doc"])
+    if pair is None:
+      if models.unscored == "drop":
+        it["reason"] = "unscored"
+      else:
+        counts["unscored"] = counts.get("unscored", 0) + 1
+      continue
+    todo.append(it)
+    images.append(_decode(pair[0], judge))
+    captions.append(pair[1])
+  if todo:
+    for it, score in zip(todo, judge.caption_scores(images, captions)):
+      it["row"]["caption_score"] = float(score)
+      if score < filters.min_caption_score:
+        it["reason"] = "caption_mismatch"
+
+
+def _recaption(kept, judge):
+  """meta["recaption"] (the judge's caption) and meta["original_caption"] of the kept pairs."""
+  todo = [it for it in kept if _pair(it["doc"]) is not None]
+  if not todo:
+    return
+  texts = judge.captions([_decode(_pair(it["doc"])[0], judge) for it in todo])
+  for it, text in zip(todo, texts):
+    doc = it["doc"]
+    doc["meta"] = dict(doc.get("meta") or {}, recaption=text, original_caption=caption_of(doc))
+    it["row"]["recaption"] = text
+    it["rec"] = records.pack(doc)
+
+
+def _groups(doc):
+  """(first image index, second, text between, first segment, second segment) of each two
+  successive images of a document with non-empty text between them."""
+  out, last, texts, k = [], None, [], -1
+  for seg in doc["segments"]:
+    if seg["kind"] == "text":
+      texts.append(seg["text"].strip())
+      continue
+    k += 1
+    text = " ".join(t for t in texts if t)
+    if last is not None and text and isinstance(seg.get("bytes"), bytes) \
+        and isinstance(last[1].get("bytes"), bytes):
+      out.append((last[0], k, text, last[1], seg))
+    last, texts = (k, seg), []
+  return out
+
+
+def _mine(kept, judge, models: Models, where, phash_distance):
+  """Mined documents (packed) and table rows of the kept items; sets each row's "mined"."""
+  docs, rows = [], []
+  if models.mine == "reasoning":
+    todo = [it for it in kept if _pair(it["doc"]) is not None]
+    thoughts = judge.captions([_decode(_pair(it["doc"])[0], judge) for it in todo]) if todo else []
+    for it, thought in zip(todo, thoughts):
+      data, prompt = _pair(it["doc"])
+      docs.append(records.pack({"task": "reasoning", "segments": [
+          {"kind": "text", "text": prompt, "loss": False},
+          {"kind": "text", "text": f" Thinking: {thought}. Image:", "loss": True},
+          {"kind": "image", "bytes": data, "role": "target"}],
+          "meta": {"mined_from": [it["folder"], it["rid"]], "prompt": prompt,
+                   "thinking": thought}}))
+      it["row"]["mined"] = 1
+      rows.append(dict(where(it), first=0, second=0, text=thought, hamming=None,
+                       source_gain=None, explained=None, decision="keep"))
+    return docs, rows
+  cands = [(it, g) for it in kept for g in _groups(it["doc"])]
+  gains = explained = [None] * len(cands)
+  hamming = [None] * len(cands)
+  if cands and models.mine == "edits":
+    pix = [(_decode(g[3]["bytes"], judge), _decode(g[4]["bytes"], judge)) for _, g in cands]
+    gains, explained = judge.pair_scores([a for a, _ in pix], [g[2] for _, g in cands],
+                                         [b for _, b in pix])
+    hamming = [int((phash(a) != phash(b)).sum()) for a, b in pix]
+  for (it, (i, j, text, first, second)), gain, score, dist in zip(cands, gains, explained,
+                                                                  hamming):
+    ok = models.mine == "groups" or (models.min_explained <= score <= models.max_explained
+                                     and dist > max(phash_distance, 0))
+    rows.append(dict(where(it), first=i, second=j, text=text, hamming=dist,
+                     source_gain=None if gain is None else float(gain),
+                     explained=None if score is None else float(score),
+                     decision="keep" if ok else "drop"))
+    if not ok:
+      continue
+    it["row"]["mined"] = (it["row"]["mined"] or 0) + 1
+    task = "edit" if models.mine == "edits" else "interleaved"
+    docs.append(records.pack({"task": task, "segments": [
+        {"kind": "image", "bytes": first["bytes"], "role": "condition"},
+        {"kind": "text", "text": text, "loss": models.mine == "groups"},
+        {"kind": "image", "bytes": second["bytes"], "role": "target"}],
+        "meta": {"mined_from": [it["folder"], it["rid"]], "images": [i, j],
+                 "instruction": text}}))
+  return docs, rows
+
+
+def _mined_schema():
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  f64, i64, s = pa.float64(), pa.int64(), pa.string()
+  return pa.schema([("source", s), ("record", i64), ("first", i64), ("second", i64),
+                    ("text", s), ("hamming", i64), ("source_gain", f64), ("explained", f64),
+                    ("decision", s)])
 
 
 def curate(inputs, output, filters: Filters | None = None, chunk: int = 10_000,
-           stop_after: int | None = None, progress: bool = True) -> dict:
+           stop_after: int | None = None, progress: bool = True, models: Models | None = None,
+           judge=None) -> dict:
   """Curates the converted folders `inputs` into `output`; returns the summary (see the module
   docstring). stop_after=k stops after k chunks of this call, as an interruption would (for
-  tests); a later call with the same arguments resumes."""
-  global TABLE_SCHEMA  # pylint: disable=global-statement
+  tests); a later call with the same arguments resumes. `judge`: an already loaded judge for
+  models.judge (tests), else it is loaded from that directory when needed."""
+  global TABLE_SCHEMA, MINED_SCHEMA  # pylint: disable=global-statement
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   TABLE_SCHEMA = TABLE_SCHEMA or _table_schema()
-  filters = filters or Filters()
+  MINED_SCHEMA = MINED_SCHEMA or _mined_schema()
+  filters, models = filters or Filters(), models or Models()
   if chunk < 1:
     raise UserError(f"--chunk must be >= 1, got {chunk}")
   if not inputs:
     raise UserError("give at least one --input folder (written by python -m unimm.data.convert)")
+  _check_models(models, filters)
   folders = [os.path.abspath(str(d)) for d in inputs]
   output = os.path.abspath(str(output))
   if output in folders:
@@ -360,9 +553,12 @@ def curate(inputs, output, filters: Filters | None = None, chunk: int = 10_000,
   plan = _inputs(folders)
   total = sum(n for _, shards in plan for _, n in shards)
   settings = {"inputs": folders, "records": total, "chunk": int(chunk),
-              "filters": dataclasses.asdict(filters)}
+              "filters": dataclasses.asdict(filters),
+              "models": dict(dataclasses.asdict(models), judge=models.judge and
+                             os.path.abspath(models.judge), batch_size=None)}
   state_path = os.path.join(output, STATE_FILE)
-  state = {"done": 0, "read": 0, "kept": 0, "images": 0, "dropped": {}, "shards": []}
+  state = {"done": 0, "read": 0, "kept": 0, "written": 0, "images": 0, "dropped": {},
+           "counts": {}, "shards": []}
   if os.path.exists(state_path):
     old = read_json(state_path, "remove the output folder and curate again",
                     f"the {STATE_FILE} `python -m unimm.data.curate` writes")
@@ -384,58 +580,84 @@ def curate(inputs, output, filters: Filters | None = None, chunk: int = 10_000,
         dedup.add(row["sha256"], _hashes(row), f"{row['source']}:{row['record']}")
 
   chunks = (total + chunk - 1) // chunk
+  if judge is None and models.judge and state["done"] < chunks:
+    from unimm.data.judge import load_judge  # pylint: disable=import-outside-toplevel
+    judge = load_judge(models.judge, models.batch_size or None)
   start = state["done"] * chunk
   bar = tqdm(total=total, initial=start, desc="curate", unit=" docs", file=sys.stderr,
              dynamic_ncols=True, disable=not progress)
   stream = _stream(plan, start)
+  where = lambda it: {"source": it["folder"], "record": it["rid"]}
   ran = 0
   for c in range(state["done"], chunks):
     if stop_after is not None and ran >= stop_after:
       break
-    docs, rows, images = [], [], 0
-    dropped = dict(state["dropped"])
+    dropped, counts = dict(state["dropped"]), dict(state["counts"])
+    items = []
     for _ in range(min(chunk, total - c * chunk)):
       folder, rid, rec = next(stream)
       doc, row, reason = measure_record(rec, filters)
-      row = dict(row, source=folder, record=rid, duplicate_of=None, hamming=None)
-      if reason is None and row["sha256"]:
+      row = dict(row, source=folder, record=rid, duplicate_of=None, hamming=None,
+                 caption_score=None, recaption=None, mined=None)
+      items.append({"folder": folder, "rid": rid, "rec": bytes(rec), "doc": doc, "row": row,
+                    "reason": reason})
+    if judge is not None:
+      _score(items, judge, filters, models, counts)
+    kept = []
+    for it in items:
+      row = it["row"]
+      if it["reason"] is None and row["sha256"]:
         found = dedup.find(row["sha256"], _hashes(row))
         if found:
-          reason, row["duplicate_of"], row["hamming"] = found
-      if reason is None:
-        docs.append(bytes(rec))
-        images += row["images"]
+          it["reason"], row["duplicate_of"], row["hamming"] = found
+      if it["reason"] is None:
+        kept.append(it)
         if row["sha256"]:
-          dedup.add(row["sha256"], _hashes(row), f"{folder}:{rid}")
+          dedup.add(row["sha256"], _hashes(row), f"{it['folder']}:{it['rid']}")
       else:
-        dropped[reason] = dropped.get(reason, 0) + 1
-      rows.append(dict(row, decision="keep" if reason is None else "drop", reason=reason))
+        dropped[it["reason"]] = dropped.get(it["reason"], 0) + 1
       bar.update(1)
-    name = _write_chunk(output, c, docs, rows)
-    state = {"done": c + 1, "read": state["read"] + len(rows), "kept": state["kept"] + len(docs),
-             "images": state["images"] + images, "dropped": dict(sorted(dropped.items())),
+    if models.recaption:
+      _recaption(kept, judge)
+    mined_docs, mined_rows = _mine(kept, judge, models, where, filters.phash_distance) \
+        if models.mine else ([], [])
+    docs = ([it["rec"] for it in kept] if not models.mine or models.keep_sources else []) + mined_docs
+    images = sum(it["row"]["images"] for it in kept)
+    if models.mine:
+      counts["mined"] = counts.get("mined", 0) + len(mined_docs)
+      counts["mining_candidates"] = counts.get("mining_candidates", 0) + len(mined_rows)
+    rows = [dict(it["row"], decision="keep" if it["reason"] is None else "drop",
+                 reason=it["reason"]) for it in items]
+    name = _write_chunk(output, c, docs, rows, mined_rows if models.mine else None)
+    state = {"done": c + 1, "read": state["read"] + len(rows), "kept": state["kept"] + len(kept),
+             "written": state["written"] + len(docs), "images": state["images"] + images,
+             "dropped": dict(sorted(dropped.items())), "counts": dict(sorted(counts.items())),
              "shards": state["shards"] + ([name] if name else [])}
     _write_json(state_path, {"settings": settings, "state": state})
     ran += 1
   bar.close()
   summary = {"read": state["read"], "kept": state["kept"], "dropped": state["dropped"],
-             "written": state["kept"]}
+             **state["counts"], "written": state["written"]}
   if state["done"] < chunks:
     return dict(summary, finished=False)
   info_path = os.path.join(output, records.INFO_FILE)
   if not os.path.exists(info_path):
-    parts = [os.path.join(output, PARTS_DIR, f"part-{c:05d}.parquet") for c in range(chunks)]
-    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts \
-        else TABLE_SCHEMA.empty_table()
-    pq.write_table(table, os.path.join(output, TABLE_FILE))
-    if not state["kept"]:
-      print(f"warning: curation kept no document of {total} (dropped: {state['dropped']})",
+    for folder, table_file, schema in ((PARTS_DIR, TABLE_FILE, TABLE_SCHEMA),
+                                       (MINED_PARTS_DIR, MINED_FILE, MINED_SCHEMA)):
+      if folder == MINED_PARTS_DIR and not models.mine:
+        continue
+      parts = [os.path.join(output, folder, f"part-{c:05d}.parquet") for c in range(chunks)]
+      table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts \
+          else schema.empty_table()
+      pq.write_table(table, os.path.join(output, table_file))
+    if not state["written"]:
+      print(f"warning: curation wrote no document of {total} (dropped: {state['dropped']})",
             file=sys.stderr)
     with open(info_path + ".tmp", "w") as fp:  # last: the folder is complete
-      json.dump({"format": "curated", "input": folders, "documents": state["kept"],
+      json.dump({"format": "curated", "input": folders, "documents": state["written"],
                  "images": state["images"], "skipped": {}, "repaired": {},
                  "curation": summary, "filters": dataclasses.asdict(filters),
-                 "shards": state["shards"]}, fp, indent=1)
+                 "models": settings["models"], "shards": state["shards"]}, fp, indent=1)
     os.replace(info_path + ".tmp", info_path)
   return summary
 
@@ -444,7 +666,7 @@ def curate(inputs, output, filters: Filters | None = None, chunk: int = 10_000,
 
 
 def corrupt(output, n: int = 2000, rate: float = 0.3, seed: int = 0, image_size: int = 32,
-            kinds=FAULT_KINDS) -> dict:
+            kinds=FAULT_KINDS, two_object_prob: float = 0.3) -> dict:
   """Writes a converted folder of n Shapes text-to-image documents, round(rate * n) of them
   faulty (the kinds in equal shares, at random positions after the first record):
 
@@ -476,7 +698,7 @@ def corrupt(output, n: int = 2000, rate: float = 0.3, seed: int = 0, image_size:
 
   def new_scene():
     for _ in range(10_000):
-      scene = shapes.random_scene(rng, 2 if rng.random() < 0.7 else 1)
+      scene = shapes.random_scene(rng, 2 if rng.random() < two_object_prob else 1)
       key = shapes.render(scene, image_size).tobytes()
       if key not in seen:
         seen.add(key)
@@ -539,6 +761,91 @@ def _nudge(pixels, variant, rng):
   return fixtures.encode_png(a)
 
 
+STORIES_TRUTH = "stories_truth.json"
+
+
+def stories(output, n: int = 300, distractor_rate: float = 0.3, repeat_rate: float = 0.1,
+            seed: int = 0, image_size: int = 32) -> dict:
+  """Writes an MMC4 shard of n Shapes stories (output/stories.jsonl, images in output/images)
+  to mine edit pairs from, and the truth (output/stories_truth.json). A story is a caption,
+  its scene's image, then 1-3 successive edits, each an instruction followed by the image
+  after it, as a web page of step-by-step pictures would be. Between two steps, with
+  probability distractor_rate, an unrelated picture with its own sentence ("Also on this
+  page: <caption>.") and, with probability repeat_rate, the same picture again ("The same
+  picture once more."): pairs mining must reject (the repeat and the next step's picture are
+  an edit again). The truth, per document (its url), holds
+  for each two successive images the true instruction, or null where they are not an edit.
+  Convert with `python -m unimm.data.convert --format mmc4`."""
+  from unimm.data import fixtures, shapes  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  image_size = shapes.check_image_size(image_size)
+  png = lambda scene: fixtures.encode_png(shapes.render(scene, image_size))
+  docs, truth = [], {}
+  for d in range(n):
+    scenes, instructions = shapes.random_story(rng, 1 + int(rng.integers(2)),
+                                               1 + int(rng.integers(shapes.MAX_EDITS)))
+    reading = [("text", shapes.caption(scenes[0]) + "."), ("image", png(scenes[0]), "story")]
+    for instruction, scene in zip(instructions, scenes[1:]):
+      if rng.random() < distractor_rate:
+        other = shapes.random_scene(rng, 1 + int(rng.integers(2)))
+        reading += [("text", f"Also on this page: {shapes.caption(other)}."),
+                    ("image", png(other), "other")]
+      elif rng.random() < repeat_rate:
+        reading += [("text", "The same picture once more."), ("image", reading[-1][1], "repeat")]
+      reading += [("text", instruction + "."), ("image", png(scene), "story")]
+    reading.append(("text", "The end."))
+    texts, images, pairs, last = [], [], [], None
+    for k, item in enumerate(reading):
+      if item[0] == "text":
+        texts.append(item[1])
+        continue
+      images.append({"bytes": item[1], "matched_text_index": len(texts)})  # before the next text
+      if last is not None:
+        between = reading[k - 1][1].rstrip(".")
+        pairs.append(between if last in ("story", "repeat") and item[2] == "story" else None)
+      last = item[2]
+    url = f"https://example.com/shapes-story-{seed}-{d}"
+    docs.append({"text_list": texts, "images": images, "url": url})
+    truth[url] = pairs
+  os.makedirs(output, exist_ok=True)
+  fixtures.write_mmc4(os.path.join(output, "stories.jsonl"), os.path.join(output, "images"), docs)
+  out = {"n": n, "seed": seed, "pairs": truth,
+         "edits": sum(p is not None for v in truth.values() for p in v),
+         "not_edits": sum(p is None for v in truth.values() for p in v)}
+  _write_json(os.path.join(output, STORIES_TRUTH), out)
+  return out
+
+
+def measure_mining(curated, truth, converted) -> dict:
+  """Mined edit pairs (curated/mined.parquet) against `stories`' truth, the documents found
+  by their url in the converted folder: {"candidates", "true_edits", "kept", "correct",
+  "precision" (kept pairs whose text is the true instruction), "recall"}."""
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(truth):
+    truth = os.path.join(truth, STORIES_TRUTH)
+  truth = read_json(truth, "give the stories_truth.json `curate stories` wrote",
+                    "the stories truth file")
+  path = os.path.join(str(curated), MINED_FILE)
+  if not os.path.isfile(path):
+    raise UserError(f"{path} does not exist: curate with --mine edits first")
+  urls = {}
+  for folder, rid, rec in _stream(_inputs([os.path.abspath(str(converted))]), 0):
+    urls[rid] = (records.unpack(rec).get("meta") or {}).get("url")
+  rows = [r for r in pq.read_table(path).to_pylist()
+          if r["source"] == os.path.abspath(str(converted))]
+  norm = lambda t: " ".join(str(t).lower().strip(" .").split())
+  kept = [r for r in rows if r["decision"] == "keep"]
+
+  def true(r):
+    pairs = truth["pairs"].get(urls.get(r["record"]), [])
+    i = r["first"]
+    return pairs[i] if r["second"] == i + 1 and i < len(pairs) else None
+  correct = sum(true(r) is not None and norm(true(r)) == norm(r["text"]) for r in kept)
+  return {"candidates": len(rows), "true_edits": truth["edits"], "kept": len(kept),
+          "correct": correct, "precision": correct / len(kept) if kept else None,
+          "recall": correct / truth["edits"] if truth["edits"] else None}
+
+
 # ------------------------------------------------------------------ measuring
 
 
@@ -588,6 +895,27 @@ def measure(table, truth, source=None) -> dict:
   return out
 
 
+def measure_captions(curated) -> dict:
+  """The recaptions of a curated Shapes folder (meta["recaption"]) scored by ShapesEval's
+  caption parser against each record's true scene (meta["scene"]), as the eval scores a
+  model's captions: {"documents", "all", "color", "shape", "position", "attribute", "exact"},
+  and the original captions' scores under "original/..." (1.0 for a clean folder)."""
+  from unimm.eval.shapes_eval import score_caption  # pylint: disable=import-outside-toplevel
+  scenes, new, old = [], [], []
+  for _, _, rec in _stream(_inputs([os.path.abspath(str(curated))]), 0):
+    meta = records.unpack(rec).get("meta") or {}
+    if "recaption" in meta and "scene" in meta:
+      scenes.append(meta["scene"])
+      new.append(meta["recaption"])
+      old.append(meta.get("original_caption", ""))
+  if not scenes:
+    raise UserError(f"{curated} holds no recaptioned Shapes record (meta recaption and scene): "
+                    "curate a `corrupt` folder with --recaption --judge DIR")
+  out = {"documents": len(scenes), **{k: float(v) for k, v in score_caption(new, scenes).items()}}
+  out.update({f"original/{k}": float(v) for k, v in score_caption(old, scenes).items()})
+  return out
+
+
 def format_table(result) -> str:
   """The measure() result as a Markdown table."""
   def num(v):
@@ -611,6 +939,25 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(message)
 
 
+def _add_flags(p, cls, skip=()):
+  """One flag per field of the dataclass cls: --name VALUE, or --no-name / --name for bools."""
+  d = cls()
+  for field in dataclasses.fields(cls):
+    if field.name in skip:
+      continue
+    flag = "--" + field.name.replace("_", "-")
+    default = getattr(d, field.name)
+    if field.type in (bool, "bool"):
+      if default:
+        p.add_argument(f"--no-{flag[2:]}", dest=field.name, action="store_false",
+                       help=f"turn off {field.name.replace('_', ' ')}")
+      else:
+        p.add_argument(flag, dest=field.name, action="store_true")
+    else:
+      kind = {"float": float, "int": int, "str": str}.get(field.type, field.type)
+      p.add_argument(flag, type=kind, default=default, help=f"default {default!r}")
+
+
 def _curate_parser():
   p = _Parser(prog="python -m unimm.data.curate", description=__doc__.split("\n")[0])
   p.add_argument("--input", action="append", required=True,
@@ -618,56 +965,81 @@ def _curate_parser():
   p.add_argument("--output", required=True, help="a new folder, or a stopped curation's to resume")
   p.add_argument("--chunk", type=int, default=10_000,
                  help="input records per chunk (one shard each; the unit of resuming)")
-  d = Filters()
-  for field in dataclasses.fields(Filters):
-    if field.type in (bool, "bool"):
-      p.add_argument(f"--no-{field.name.replace('_', '-')}", dest=field.name,
-                     action="store_false", help=f"turn off {field.name.replace('_', ' ')}")
-    else:
-      kind = float if field.type in (float, "float") else int
-      p.add_argument(f"--{field.name.replace('_', '-')}", type=kind,
-                     default=getattr(d, field.name), help=f"default {getattr(d, field.name)}")
+  _add_flags(p, Filters)
+  _add_flags(p, Models, skip=("batch_size",))
+  p.add_argument("--judge-batch", dest="batch_size", type=int, default=0,
+                 help="documents per judge call (default 64 for a unimm run, 16 for HF)")
   return p
 
 
-def _corrupt_parser():
-  p = _Parser(prog="python -m unimm.data.curate corrupt",
-              description="Writes a Shapes t2i folder with planted faults and faults.json.")
-  p.add_argument("--output", required=True)
-  p.add_argument("--n", type=int, default=2000)
-  p.add_argument("--rate", type=float, default=0.3, help="share of faulty records (all kinds)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--image-size", type=int, default=32)
-  p.add_argument("--kinds", default=",".join(FAULT_KINDS))
-  return p
+_OUT = ("--output", {"required": True})
+_SEED_SIZE = [("--seed", {"type": int, "default": 0}), ("--image-size", {"type": int, "default": 32})]
+SUBCOMMANDS = {  # name: (description, [(flag, argparse keywords)])
+    "corrupt": ("Writes a Shapes t2i folder with planted faults and faults.json.", [
+        _OUT, ("--n", {"type": int, "default": 2000}),
+        ("--rate", {"type": float, "default": 0.3, "help": "share of faulty records (all kinds)"}),
+        *_SEED_SIZE, ("--kinds", {"default": ",".join(FAULT_KINDS)}),
+        ("--two-object-prob", {"type": float, "default": 0.3, "help": "share of two-object "
+                               "scenes (the rest have one), as data.two_object_prob"})]),
+    "measure": ("Precision and recall of a curation against planted faults.", [
+        ("--output", {"required": True, "help": "the curated folder (holds curation.parquet)"}),
+        ("--truth", {"required": True, "help": "the faults.json `corrupt` wrote"})]),
+    "stories": ("Writes an MMC4 shard of Shapes stories to mine edit pairs from.", [
+        _OUT, ("--n", {"type": int, "default": 300}),
+        ("--distractor-rate", {"type": float, "default": 0.3}),
+        ("--repeat-rate", {"type": float, "default": 0.1}), *_SEED_SIZE]),
+    "measure-mining": ("Mined edit pairs against the stories' truth.", [
+        ("--output", {"required": True, "help": "the folder curated with --mine edits"}),
+        ("--truth", {"required": True, "help": "the stories_truth.json `stories` wrote"}),
+        ("--input", {"required": True, "help": "the converted stories folder that was mined"})]),
+    "measure-captions": ("ShapesEval caption scores of a recaptioned Shapes folder.", [
+        ("--output", {"required": True, "help": "the folder curated with --recaption"})]),
+}
 
 
-def _measure_parser():
-  p = _Parser(prog="python -m unimm.data.curate measure",
-              description="Precision and recall of a curation against planted faults.")
-  p.add_argument("--output", required=True, help="the curated folder (holds curation.parquet)")
-  p.add_argument("--truth", required=True, help="the faults.json `corrupt` wrote")
-  return p
+def _sub_args(name, argv):
+  description, flags = SUBCOMMANDS[name]
+  p = _Parser(prog=f"python -m unimm.data.curate {name}", description=description)
+  for flag, kw in flags:
+    p.add_argument(flag, **kw)
+  return p.parse_args(argv)
 
 
 def main(argv) -> dict:
-  """Runs a curation (or `corrupt`, `measure`); returns what the last stdout line prints."""
+  """Runs a curation (or `corrupt`, `stories`, `measure`, `measure-mining`,
+  `measure-captions`); returns what the last stdout line prints."""
   argv = list(argv)
+  if argv and argv[0] == "stories":
+    a = _sub_args("stories", argv[1:])
+    truth = stories(a.output, a.n, a.distractor_rate, a.repeat_rate, a.seed, a.image_size)
+    print(json.dumps({"documents": truth["n"], "edits": truth["edits"],
+                      "not_edits": truth["not_edits"]}), flush=True)
+    return truth
+  if argv and argv[0] == "measure-mining":
+    a = _sub_args("measure-mining", argv[1:])
+    result = measure_mining(a.output, a.truth, a.input)
+    print(json.dumps(result), flush=True)
+    return result
+  if argv and argv[0] == "measure-captions":
+    result = measure_captions(_sub_args("measure-captions", argv[1:]).output)
+    print(json.dumps(result), flush=True)
+    return result
   if argv and argv[0] == "corrupt":
-    a = _corrupt_parser().parse_args(argv[1:])
+    a = _sub_args("corrupt", argv[1:])
     truth = corrupt(a.output, a.n, a.rate, a.seed, a.image_size,
-                    tuple(k for k in a.kinds.split(",") if k))
+                    tuple(k for k in a.kinds.split(",") if k), a.two_object_prob)
     print(json.dumps({"documents": truth["n"], "faults": truth["counts"]}), flush=True)
     return truth
   if argv and argv[0] == "measure":
-    a = _measure_parser().parse_args(argv[1:])
+    a = _sub_args("measure", argv[1:])
     result = measure(a.output, a.truth)
     print(format_table(result), file=sys.stderr)
     print(json.dumps(result), flush=True)
     return result
   a = _curate_parser().parse_args(argv)
   filters = Filters(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Filters)})
-  summary = curate(a.input, a.output, filters, chunk=a.chunk)
+  models = Models(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Models)})
+  summary = curate(a.input, a.output, filters, chunk=a.chunk, models=models)
   print(json.dumps(summary), flush=True)
   return summary
 

@@ -247,6 +247,18 @@ def condition_dropout(doc, rng, p, p_image=0.0):
   return {**doc, "segments": kept, "meta": meta}
 
 
+def recaptioned(doc):
+  """A pair whose meta holds a model's caption (`python -m unimm.data.curate --recaption`)
+  with that caption as its text; any other document unchanged."""
+  new = (doc.get("meta") or {}).get("recaption")
+  texts = [k for k, g in enumerate(doc["segments"]) if g["kind"] == "text"]
+  if not isinstance(new, str) or not new.strip() or len(texts) != 1:
+    return doc
+  segments = list(doc["segments"])
+  segments[texts[0]] = dict(segments[texts[0]], text=new)
+  return {**doc, "segments": segments}
+
+
 def caption_pair(doc):
   """A text-to-image pair [caption, image(target)] -> captioning document
   [image(condition), caption]; any other document unchanged."""
@@ -398,6 +410,7 @@ class _Load(grain.transforms.Map):
     self.dropout = float(data_cfg.cfg_dropout)
     self.image_dropout = float(getattr(data_cfg, "image_dropout", 0.0))
     self.caption_prob = float(getattr(data_cfg, "pair_caption_prob", 0.0))
+    self.recaption_prob = float(getattr(data_cfg, "recaption_prob", 0.0))
 
   def map(self, element):
     record, index, *record_id = element
@@ -408,6 +421,8 @@ class _Load(grain.transforms.Map):
         doc = record
       else:
         doc = self._decode(records.unpack(record))
+        if self.recaption_prob > 0 and rng.random() < self.recaption_prob:
+          doc = recaptioned(doc)
         if self.caption_prob > 0 and rng.random() < self.caption_prob:
           doc = caption_pair(doc)
       if self.dropout > 0 or self.image_dropout > 0:

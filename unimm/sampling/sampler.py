@@ -27,6 +27,7 @@ from flax import nnx
 
 from unimm.data import document as D
 from unimm.data.pipeline import encode_document
+from unimm.errors import UserError
 from unimm.models.image_tokenizer import encode_images, frozen_variables
 from unimm.objectives import flow
 
@@ -55,6 +56,13 @@ def _stack(encoded, length, left_pad):
 
 def _round_up(n, k=16):
   return -(-n // k) * k
+
+
+@jax.jit
+def _target_logprobs(logits, targets):
+  """log p(targets) under logits: [n, L] float32."""
+  lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
 
 
 class Prompts:
@@ -265,6 +273,46 @@ class Sampler(Prompts):
       rank = jnp.argsort(jnp.argsort(conf, axis=-1), axis=-1)
       ids = jnp.where(rank < keep_masked, p.mask_id, cand)
     return p.decode(np.asarray(ids))
+
+  # ---------------------------------------------------------------- scoring
+
+  def text_logprobs(self, docs):
+    """(mean log p per scored token in nats, scored tokens): [n] float64, [n] int. The scored
+    tokens are those the LM loss applies to in training (the text segments with loss, and
+    <eos> after them), each given everything before it: a document's length-normalised
+    log-likelihood, as curation's caption score uses it."""
+    enc = [encode_document(d, self.tok, self.patcher) for d in docs]
+    length = _round_up(max(len(e["tokens"]) for e in enc))
+    b = _stack(enc, length, False)
+    mask = np.zeros((len(enc), length), np.float32)
+    for i, e in enumerate(enc):
+      mask[i, :len(e["loss_mask"])] = e["loss_mask"]
+    batch = self._device(b)
+    logits, _ = self._forward(self.params, batch, jnp.zeros(b["tokens"].shape, jnp.float32))
+    lp = np.asarray(_target_logprobs(logits, batch["targets"]), np.float64)
+    count = mask.sum(-1)
+    return (lp * mask).sum(-1) / np.maximum(count, 1), count.astype(int)
+
+  def flow_losses(self, docs, times=(0.25, 0.5, 0.75), seed=0):
+    """[n]: the flow-matching loss of each document's target image (one per document), the
+    mean squared error of the predicted velocity against eps - x0 over the patches, averaged
+    over `times` with fixed noise (drawn from seed): how well the rest of the document
+    explains the image."""
+    if getattr(self.patcher, "discrete", False):
+      raise UserError("flow losses need a model that generates images by flow matching "
+                      "(model.image_tokenizer pixels or vae), not discrete codes")
+    enc = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in docs]
+    b = _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), False)
+    idx = np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
+    batch = self._device(b)
+    rows = np.arange(len(docs))[:, None]
+    x0 = batch["patches"][rows, idx].astype(jnp.float32)
+    total = np.zeros(len(docs))
+    for k, t in enumerate(times):
+      eps = jax.random.normal(jax.random.fold_in(jax.random.key(seed), k), x0.shape, jnp.float32)
+      v = self._velocity(batch, (1.0 - t) * x0 + t * eps, idx, float(t))
+      total += np.asarray(jnp.mean((v - (eps - x0)) ** 2, axis=(1, 2)))
+    return total / len(times)
 
   # ---------------------------------------------------------------- text
 
