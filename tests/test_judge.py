@@ -192,3 +192,54 @@ def test_load_judge_errors_are_one_line(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
   with pytest.raises(UserError, match="neither"):
     load_judge(str(tmp_path))
+
+
+def _tiny_llava(folder):
+  """A random LLaVA (CLIP vision tower, Llama text model) and its processor, saved to folder."""
+  torch = pytest.importorskip("torch")
+  T = pytest.importorskip("transformers")
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = ["<pad>", "<s>", "</s>", "<unk>", "<image>"] + "a red blue circle square at the top left".split()
+  tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  tk.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>")
+  tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+  proc = T.LlavaProcessor(
+      image_processor=T.CLIPImageProcessor(size={"shortest_edge": 16},
+                                           crop_size={"height": 16, "width": 16}),
+      tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+      num_additional_image_tokens=1)
+  cfg = T.LlavaConfig(
+      vision_config=T.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=16, patch_size=8),
+      text_config=T.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2),
+      image_token_index=words.index("<image>"), vision_feature_layer=-1,
+      vision_feature_select_strategy="default")
+  torch.manual_seed(0)
+  model = T.LlavaForConditionalGeneration(cfg).eval()
+  model.save_pretrained(folder)
+  proc.save_pretrained(folder)
+  return model, proc
+
+
+def test_hf_judge_scores_captions_as_the_model_does(tmp_path):
+  torch = pytest.importorskip("torch")
+  from PIL import Image
+  model, proc = _tiny_llava(str(tmp_path))
+  judge = load_judge(str(tmp_path), batch_size=2)
+  images = [np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8) for i in range(3)]
+  captions = ["a red circle", "blue square at the top left", "a"]
+  got = judge.caption_scores(images, captions)
+  for im, cap, score in zip(images, captions, got):  # by hand: one at a time, no padding
+    start = proc(images=[Image.fromarray(im)], text=["<image>"], return_tensors="pt")["input_ids"].shape[1]
+    full = proc(images=[Image.fromarray(im)], text=["<image>" + cap], return_tensors="pt")
+    with torch.no_grad():
+      lp = torch.log_softmax(model(**full).logits[0].double(), -1)
+    ids = full["input_ids"][0]
+    want = np.mean([float(lp[i - 1, ids[i]]) for i in range(start, len(ids))])
+    np.testing.assert_allclose(score, want, rtol=1e-4)
+  assert len(judge.captions(images)) == 3
+  with pytest.raises(UserError, match="cannot score edit pairs"):
+    judge.pair_scores(images, captions, images)

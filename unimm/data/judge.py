@@ -110,8 +110,7 @@ class HFJudge:
   AutoProcessor + AutoModelForImageTextToText, float32 on the CPU or the first GPU torch
   sees). `prompt` is the text before the caption (a chat template's user turn is not
   applied: give the model's own captioning prompt, e.g. "<image>" for LLaVA-style models).
-  Not yet run against a real checkpoint or a tiny random one in the tests: treat its scores
-  as unverified until it is."""
+  Tested on a tiny random LLaVA (tests/test_judge.py), not yet on a released checkpoint."""
 
   def __init__(self, path, batch_size: int = 16, prompt: str | None = None,
                max_new_tokens: int = 48):
@@ -125,7 +124,7 @@ class HFJudge:
     try:
       self.processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
       self.model = transformers.AutoModelForImageTextToText.from_pretrained(
-          path, local_files_only=True, torch_dtype=torch.float32).eval()
+          path, local_files_only=True, dtype=torch.float32).eval()
     except (OSError, ValueError, KeyError) as e:
       raise UserError(f"--judge {path}: transformers cannot load it as a vision-language "
                       f"model ({str(e).splitlines()[0]})") from None
