@@ -408,10 +408,9 @@ def _check_models(m: Models, f: Filters):
 
 def _pair(doc):
   """(image bytes, caption) of a document with exactly one image and some text, else None."""
-  images = [g for g in doc["segments"] if g["kind"] == "image" and isinstance(g.get("bytes"), bytes)]
+  images = [g.get("bytes") for g in doc["segments"] if g["kind"] == "image"]
   text = caption_of(doc)
-  n_images = sum(g["kind"] == "image" for g in doc["segments"])
-  return (images[0]["bytes"], text) if n_images == 1 and images and text else None
+  return (images[0], text) if len(images) == 1 and isinstance(images[0], bytes) and text else None
 
 
 def _decode(data, judge):
@@ -477,8 +476,11 @@ def _mine(kept, judge, models: Models, where, phash_distance):
   docs, rows = [], []
   if models.mine == "reasoning":
     todo = [it for it in kept if _pair(it["doc"]) is not None]
-    thoughts = judge.captions([_decode(_pair(it["doc"])[0], judge) for it in todo]) if todo else []
-    for it, thought in zip(todo, thoughts):
+    new = [it for it in todo if it["row"]["recaption"] is None]  # --recaption wrote the rest
+    written = judge.captions([_decode(_pair(it["doc"])[0], judge) for it in new]) if new else []
+    thoughts = {id(it): text for it, text in zip(new, written)}
+    for it in todo:
+      thought = thoughts.get(id(it), it["row"]["recaption"])
       data, prompt = _pair(it["doc"])
       docs.append(records.pack({"task": "reasoning", "segments": [
           {"kind": "text", "text": prompt, "loss": False},
@@ -494,10 +496,11 @@ def _mine(kept, judge, models: Models, where, phash_distance):
   gains = explained = [None] * len(cands)
   hamming = [None] * len(cands)
   if cands and models.mine == "edits":
-    pix = [(_decode(g[3]["bytes"], judge), _decode(g[4]["bytes"], judge)) for _, g in cands]
-    gains, explained = judge.pair_scores([a for a, _ in pix], [g[2] for _, g in cands],
-                                         [b for _, b in pix])
-    hamming = [int((phash(a) != phash(b)).sum()) for a, b in pix]
+    gains, explained = judge.pair_scores([_decode(g[3]["bytes"], judge) for _, g in cands],
+                                         [g[2] for _, g in cands],
+                                         [_decode(g[4]["bytes"], judge) for _, g in cands])
+    hashes = {id(it): _hashes(it["row"]) for it in kept}  # measure_record's, image by image
+    hamming = [int((hashes[id(it)][g[0]] != hashes[id(it)][g[1]]).sum()) for it, g in cands]
   for (it, (i, j, text, first, second)), gain, score, dist in zip(cands, gains, explained,
                                                                   hamming):
     ok = models.mine == "groups" or (models.min_explained <= score <= models.max_explained

@@ -35,15 +35,8 @@ from unimm.errors import UserError
 
 def _fit(image, size):
   """uint8 RGB [size, size, 3]: covers the square and centre-crops, as the pipeline does."""
-  image = np.asarray(image, np.uint8)
-  h, w = image.shape[:2]
-  if (h, w) == (size, size):
-    return image
-  scale = size / min(h, w)
-  img = Image.fromarray(image).resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                                      Image.Resampling.BICUBIC)
-  left, top = (img.width - size) // 2, (img.height - size) // 2
-  return np.asarray(img.crop((left, top, left + size, top + size)))
+  from unimm.data import records  # pylint: disable=import-outside-toplevel
+  return np.asarray(records.cover(Image.fromarray(np.asarray(image, np.uint8)), (size, size)))
 
 
 def _batches(n, size):

@@ -218,12 +218,20 @@ def decode_image(data, size=None, bucket=None, max_pixels: int = MAX_PIXELS):
       img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":
       img = _to_rgb(img)
-    if size is not None and img.size != (size[1], size[0]):
-      img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC,
-                       box=_cover_box(img.size, size), reducing_gap=3.0)
+    if size is not None:
+      img = cover(img, size)
     return np.asarray(img, dtype=np.uint8)
   except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for cut or corrupt data
     raise Skip(TRUNCATED_IMAGE, f"{type(e).__name__}: {e}") from None
+
+
+def cover(img, size):
+  """A PIL image resized (bicubic) to cover (h, w) = size and centre-cropped to it, as the
+  data pipeline reads images; unchanged if it already has that size."""
+  if img.size == (size[1], size[0]):
+    return img
+  return img.resize((size[1], size[0]), Image.Resampling.BICUBIC,
+                    box=_cover_box(img.size, size), reducing_gap=3.0)
 
 
 def _cover_box(have, size):

@@ -98,6 +98,16 @@ class Sampler(Prompts):
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
     self._encode_images = jax.jit(functools.partial(encode_images, patcher))
 
+  def _encode(self, docs, add_eos=False):
+    """Documents encoded as in training, right-padded into one batch: (encodings, batch)."""
+    enc = [encode_document(d, self.tok, self.patcher, add_eos=add_eos) for d in docs]
+    return enc, _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), False)
+
+  def _target_batch(self, docs):
+    """(the batch on the device, [n, N] positions of each document's target image)."""
+    _, b = self._encode(docs)
+    return self._device(b), np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
+
   def _device(self, batch):
     """A stacked batch on the device, its vae / vq images encoded."""
     batch = jax.tree.map(jnp.asarray, batch)
@@ -150,12 +160,8 @@ class Sampler(Prompts):
     sets = [cond_docs] + ([uncond_docs] if s.cfg_scale != 1.0 or image_scale != 1.0 else [])
     if null_docs is not None and image_scale != 1.0:
       sets.append(null_docs)
-    noised_idx = lambda b: np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
-    batches = []
-    for docs in sets:  # on the device once; every Euler step only swaps in the current x
-      enc = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in docs]
-      b = _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), False)
-      batches.append((self._device(b), noised_idx(b)))
+    # on the device once; every Euler step only swaps in the current x
+    batches = [self._target_batch(docs) for docs in sets]
     n, N, Dp = len(cond_docs), self.patcher.num_patches, self.patcher.patch_dim
     x = jax.random.normal(jax.random.key(seed), (n, N, Dp), jnp.float32)
     shift = flow.resolution_shift(self.cfg.flow, self.cfg.data.image_size, self.patcher.num_patches)
@@ -236,15 +242,8 @@ class Sampler(Prompts):
     from MASKGIT_CHOICE_TEMPERATURE to 0, as in MaskGIT)."""
     p, n, T = self.patcher, len(cond_docs), int(self.cfg.sample.mask_steps)
     guided = self.cfg.sample.cfg_scale != 1.0
-
-    def batch(docs):
-      enc = [encode_document(d, self.tok, p, add_eos=False) for d in docs]
-      b = _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), False)
-      idx = np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
-      return self._device(b), idx
-
-    bc, ic = batch(cond_docs)
-    bu, iu = batch(uncond_docs) if guided else (None, None)
+    bc, ic = self._target_batch(cond_docs)
+    bu, iu = self._target_batch(uncond_docs) if guided else (None, None)
     N, r = p.num_patches, np.arange(n)[:, None]
     ids = jnp.full((n, N), p.mask_id, jnp.int32)
     rng = jax.random.key(seed)
@@ -281,10 +280,8 @@ class Sampler(Prompts):
     tokens are those the LM loss applies to in training (the text segments with loss, and
     <eos> after them), each given everything before it: a document's length-normalised
     log-likelihood, as curation's caption score uses it."""
-    enc = [encode_document(d, self.tok, self.patcher) for d in docs]
-    length = _round_up(max(len(e["tokens"]) for e in enc))
-    b = _stack(enc, length, False)
-    mask = np.zeros((len(enc), length), np.float32)
+    enc, b = self._encode(docs, add_eos=True)
+    mask = np.zeros(b["tokens"].shape, np.float32)
     for i, e in enumerate(enc):
       mask[i, :len(e["loss_mask"])] = e["loss_mask"]
     batch = self._device(b)
@@ -301,10 +298,7 @@ class Sampler(Prompts):
     if getattr(self.patcher, "discrete", False):
       raise UserError("flow losses need a model that generates images by flow matching "
                       "(model.image_tokenizer pixels or vae), not discrete codes")
-    enc = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in docs]
-    b = _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), False)
-    idx = np.stack([np.nonzero(m == D.NOISED_IMAGE)[0] for m in b["modality"]])
-    batch = self._device(b)
+    batch, idx = self._target_batch(docs)
     rows = np.arange(len(docs))[:, None]
     x0 = batch["patches"][rows, idx].astype(jnp.float32)
     total = np.zeros(len(docs))
