@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo demo-mixture tokenizers maskgit early-fusion janus transfusion-vae moe mot mmdit metaquery faults soak test bench-gpu clean
+.PHONY: setup demo demo-mixture tokenizers maskgit show-o mmada fudoki harmon x-omni smartedit early-fusion janus transfusion-vae moe mot mmdit metaquery faults soak test bench-gpu clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,22 @@ tokenizers: runs/vae_shapes/eval.json runs/vq_shapes/eval.json
 maskgit: runs/vq_shapes/eval.json
 	$(PY) -m unimm.train --config configs/maskgit_shapes.py --workdir runs/maskgit
 
+show-o: runs/vq_shapes/eval.json
+	$(PY) -m unimm.train --config configs/show_o_shapes.py --workdir runs/show_o
+
+mmada: runs/vq_shapes/eval.json
+	$(PY) -m unimm.train --config configs/mmada_shapes.py --workdir runs/mmada
+
+fudoki: runs/vq_shapes/eval.json
+	$(PY) -m unimm.train --config configs/fudoki_shapes.py --workdir runs/fudoki
+
+x-omni: runs/vq_shapes/eval.json
+	$(PY) -m unimm.train --config configs/x_omni_shapes.py --workdir runs/x_omni
+	$(PY) -m unimm.train.grpo --init runs/x_omni --workdir runs/x_omni_grpo
+
+harmon: setup
+	$(PY) -m unimm.train --config configs/harmon_shapes.py --workdir runs/harmon
+
 early-fusion: runs/vq_shapes/eval.json
 	$(PY) -m unimm.train --config configs/early_fusion_shapes.py --workdir runs/early_fusion
 
@@ -67,6 +83,9 @@ runs/demo/eval.json: | setup
 
 metaquery: runs/demo/eval.json
 	$(PY) -m unimm.train --config configs/metaquery_shapes.py --workdir runs/metaquery_shapes
+
+smartedit: runs/demo/eval.json
+	$(PY) -m unimm.train --config configs/smartedit_shapes.py --workdir runs/smartedit
 
 # Fault injection (unimm/train/faults.py): a small demo model trained uninterrupted, then killed
 # with SIGKILL at 20 moments (5 while a checkpoint save is in flight) and sent one SIGTERM,

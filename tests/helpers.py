@@ -25,9 +25,11 @@ def tiny_config(**overrides):
   return c
 
 
-def random_unified_ids(seed, batch, length, max_doc=None, image_len=(4, 24), pad_tail=True):
+def random_unified_ids(seed, batch, length, max_doc=None, image_len=(4, 24), pad_tail=True,
+                       bidirectional=0.0):
   """Random packed rows as the pipeline makes them (unimm.batch): documents one after another,
-  each a mix of text runs and images (clean or noised, contiguous), then padding (segment 0).
+  each a mix of text runs and images (clean or noised, contiguous), then padding (segment 0);
+  a `bidirectional` share of the documents with every position 0 (text diffusion).
   Returns a MaskIds of int32 numpy arrays [batch, length]."""
   import numpy as np
   from unimm.batch import CLEAN_IMAGE, NOISED_IMAGE, TEXT
@@ -54,6 +56,8 @@ def random_unified_ids(seed, batch, length, max_doc=None, image_len=(4, 24), pad
         pos += m
       cols["segment"][b, i:i + n] = seg
       cols["position"][b, i:i + n] = np.arange(n)
+      if bidirectional and rng.random() < bidirectional:
+        cols["position"][b, i:i + n] = 0
       i += n
   return MaskIds(**cols)
 
@@ -69,3 +73,41 @@ def quick_compiles():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", old)
+
+
+def trained_on_one_batch(cfg, workdir, steps=4):
+  """A Run on one device after `steps` steps on one batch: (run, state, loss before, loss
+  after (the same batch and rng), the batch on the host)."""
+  import jax
+  from unimm.train.loop import Run
+  run = Run(cfg, str(workdir), devices=jax.devices()[:1])
+  state = run.trainer.init()
+  batch = run.next_batch()
+  loss = lambda s: float(run.trainer.loss_and_grads(s["params"], batch, jax.random.key(1))[0])
+  before = loss(state)
+  for _ in range(steps):
+    state, _ = run.trainer.step(state, batch, run.rng)
+  return run, state, before, loss(state) if steps else before, jax.device_get(batch)
+
+
+def assert_8_devices_equal_one(run, state, batch, rtol=1e-5, **model):
+  """The loss and gradients of run's config (with `model` fields changed) on data=2, fsdp=2,
+  tensor=2 (8 devices) equal those on one device within rtol relative (each gradient leaf
+  against its own max)."""
+  import jax
+  import numpy as np
+  from unimm.parallel.sharding import make_mesh
+  from unimm.train.step import Trainer
+  cfg = run.cfg.copy_and_resolve_references()
+  cfg.model.update(**model)
+  one = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), run.trainer.vocab_size) if model else run.trainer
+  loss1, grads1 = one.loss_and_grads(state["params"], one.device_batch(batch), jax.random.key(5))
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  multi = Trainer(cfg, make_mesh(cfg.mesh), run.trainer.vocab_size)
+  params8 = jax.device_put(jax.device_get(state["params"]), multi.param_shardings)
+  assert any(not p.sharding.is_fully_replicated for p in jax.tree.leaves(params8))
+  loss8, grads8 = multi.loss_and_grads(params8, multi.device_batch(batch), jax.random.key(5))
+  assert abs(float(loss8) - float(loss1)) <= rtol * abs(float(loss1))
+  for a, b in zip(jax.tree.leaves(jax.device_get(grads1)), jax.tree.leaves(jax.device_get(grads8))):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.max(np.abs(a - b)) <= rtol * max(np.max(np.abs(a)), 1e-30)

@@ -26,9 +26,10 @@ def relative_error(got, want):
 
 
 def unified_ids():
-  """Row 0: short packed documents and padding; row 1: long documents with long images, so
-  some tiles are full (causal text tiles below the diagonal, tiles inside one image)."""
-  rows = (random_unified_ids(0, 1, L), random_unified_ids(1, 1, L, max_doc=L, image_len=(40, 100)))
+  """Row 0: short packed documents (half of them bidirectional: every position 0) and padding;
+  row 1: long documents with long images, so some tiles are full (causal text tiles below the
+  diagonal, tiles inside one image)."""
+  rows = (random_unified_ids(0, 1, L, bidirectional=0.5), random_unified_ids(1, 1, L, max_doc=L, image_len=(40, 100)))
   return M.MaskIds(*(jnp.asarray(np.concatenate(cols)) for cols in zip(*rows)))
 
 

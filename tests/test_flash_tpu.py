@@ -29,8 +29,9 @@ def _one_document_row(length):
 
 
 def _ids(seed, batch, length):
-  """Row 0: `_one_document_row`; the others random packed documents with padding."""
-  rand = random_unified_ids(seed, batch, length, max_doc=160)
+  """Row 0: `_one_document_row`; the others random packed documents with padding, half of
+  them bidirectional (every position 0)."""
+  rand = random_unified_ids(seed, batch, length, max_doc=160, bidirectional=0.5)
   one = _one_document_row(length)
   return M.MaskIds(*(jnp.asarray(np.concatenate([o[None], r[1:]])) for o, r in zip(one, rand)))
 

@@ -196,7 +196,7 @@ def test_device_encoding_gives_the_batch_of_host_encoding(tokenizers, kind, loss
 
 
 @pytest.mark.parametrize("kind,loss,extra", [
-    ("vq", "next_token", {}), ("vq", "masked", {}),
+    ("vq", "next_token", {}), ("vq", "masked", {"text_loss": "masked"}),  # (MaskGIT + MMaDA's text)
     ("vq", "next_token", {"understanding": "pixels", "vit_depth": 1}), ("vae", "flow", {})])
 def test_each_recipe_trains_and_samples(tokenizers, tmp_path, kind, loss, extra):
   cfg = config(tokenizers, kind, loss, **extra)

@@ -114,11 +114,29 @@ def defaults() -> ml_collections.ConfigDict:
       tokenizer_path="",   # vae / vq: workdir of a tokenizer trained by python -m unimm.train.autoencoder
       latent_patch=2,      # vae: latents per token side (a token covers f * latent_patch pixels)
       image_loss="flow",   # target images: "flow" (pixels, vae), "next_token" (vq: Chameleon / Emu3
-                           # early fusion) or "masked" (vq: MaskGIT masked-token prediction)
+                           # early fusion), "masked" (vq: MaskGIT masked-token prediction) or "mar"
+                           # (pixels, vae: Harmon / MAR, masked tokens drawn by a per-token diffusion MLP)
+      mar=dict(            # image_loss "mar"
+          head_width=256,  # the per-token diffusion MLP (MAR's SimpleMLPAdaLN)
+          head_depth=3,
+          mask_min=0.7,    # each target image masks a share of its tokens drawn from N(1, 0.25)
+                           # truncated to [mask_min, 1] (MAR)
+          t_repeat=4,      # flow times drawn per masked token and step (MAR's diffusion_batch_mul)
+      ),
       understanding="shared",  # condition images: "shared" (the image tokenizer) or "pixels"
                            # (vq only, Janus-Pro: pixel patches of model.patch_size into a ViT)
       vit_depth=0,         # understanding="pixels": bidirectional blocks over each condition image
       mask_loss_weight=1.0,  # masked: loss = text ce + this * masked-token ce
+      text_loss="next_token",  # text: "next_token" (causal LM), "masked" (absorbing-state masked diffusion
+                           # with the ELBO's 1/t weight: MMaDA / LLaDA) or "flow" (discrete flow matching on
+                           # a metric-induced path: FUDOKI); both diffusions make each document
+                           # bidirectional and need vq codes with image_loss "masked"
+      text_flow=dict(      # text_loss "flow": p_t(x | x1) ~ exp(-beta(t) d(x, x1)), d = 1 - cos of the token
+                           # embeddings, beta(t) = beta_scale ((1 - t) / t)^beta_power (t = 1: uniform)
+          beta_scale=0.0,  # 0: log of the text vocabulary (at t = 0.5, x1 keeps half the probability
+                           # against tokens at distance 1)
+          beta_power=1.0,
+      ),
       prediction="x0",     # "x0": network predicts the clean image, converted to velocity; "velocity"
       rope_theta=10_000.0,
       image_rope_2d=False, # image patches also rotate by (row, col) in half of each head's dims
@@ -158,6 +176,9 @@ def defaults() -> ml_collections.ConfigDict:
       pair_caption_prob=0.3,  # share of converted image-text pairs read as captioning (image, then text)
       recaption_prob=0.0,  # share of converted pairs read with the model caption that curation wrote
                            # (meta recaption: python -m unimm.data.curate --recaption), not the original
+      answer_len=0,        # >0: a document ending in text with loss repeats <eos> until that text and its
+                           # <eos>s fill this many tokens (text diffusion: LLaDA / MMaDA pad answers so that
+                           # the sampler's answer block of this length learns where the text ends)
       max_error_rate=0.05, # a source whose skipped share of records passes this stops the run
       error_min_records=100,  # ... once this many of its records were read
   )
@@ -209,7 +230,20 @@ def defaults() -> ml_collections.ConfigDict:
       max_new_tokens=64,
       image_temperature=1.0,  # vq: sampling temperature of image codes
       image_top_k=0,       # vq: sample codes among the k most likely (0: all)
-      mask_steps=12,       # masked: parallel decoding steps (cosine schedule of masked tokens)
+      mask_steps=12,       # masked / mar: parallel decoding steps (cosine schedule of masked tokens)
+      text_steps=0,        # text diffusion: unmasking steps over the answer block (data.answer_len tokens,
+                           # the most confident first); 0: one token a step
+      text_block=0,        # masked text diffusion: unmask sub-blocks of this many tokens left to right
+                           # (semi-autoregressive, LLaDA / MMaDA), text_steps shared among them; 0: one block
+  )
+  c.grpo = dict(           # python -m unimm.train.grpo: RL on an early-fusion model (unimm.train.grpo)
+      prompts=8,           # one-object Shapes prompts per iteration
+      group=8,             # images sampled per prompt (advantages normalised within the group)
+      temperature=1.0,     # code sampling temperature of the rollouts (and of log pi)
+      kl_weight=0.04,      # beta of the k3 KL to the reference
+      lr=1e-4,             # AdamW learning rate (constant: no warmup; cosine to optim.final_lr_fraction)
+      steps=1000,          # iterations (one rollout and one update each)
+      time_limit_s=0.0,    # >0: stop (and checkpoint) after this many seconds
   )
   c.eval = dict(
       seed=1234,

@@ -252,6 +252,13 @@ def image_grid(cfg, text_vocab):
   if (kind == "vq") != (loss in ("next_token", "masked")):
     raise UserError(f"model.image_loss='{loss}' does not go with model.image_tokenizer='{kind}': "
                     "'flow' trains pixels or vae latents; 'next_token' and 'masked' train vq codes")
+  text_loss = getattr(m, "text_loss", "next_token")
+  if text_loss not in ("next_token", "masked", "flow"):
+    raise UserError(f"model.text_loss='{text_loss}': use 'next_token', 'masked' or 'flow'")
+  if text_loss != "next_token" and loss != "masked":
+    raise UserError(f"model.text_loss='{text_loss}' (text diffusion) goes with discrete images: it "
+                    f"needs model.image_tokenizer='vq' and model.image_loss='masked', not "
+                    f"'{kind}' / '{loss}'")
   max_aspect = float(getattr(d, "max_aspect", 1.0))
   if kind == "pixels":
     return PixelPatches(int(d.image_size), int(m.patch_size), max_aspect=max_aspect)

@@ -55,13 +55,14 @@ from unimm.image_grid import image_grid
 # ----------------------------------------------------------------- encoding
 
 
-def encode_document(doc, tok, patcher, *, add_eos=True, seq_len=None):
+def encode_document(doc, tok, patcher, *, add_eos=True, seq_len=None, answer_len=0):
   """One document -> dict of equal-length 1-D arrays (one entry per position).
 
   Layout: `<bos>`, then per segment in order: text -> its token ids; image ->
   `<boi>`, one position per patch (row-major; patch_index from
-  `patcher.patch_index`), `<eoi>`; finally `<eos>` if add_eos. `patcher` is an
-  image grid (`unimm.image_grid`): pixel patches go into `patches`; vae / vq
+  `patcher.patch_index`), `<eoi>`; finally `<eos>` if add_eos (repeated, with loss, until a
+  final text with loss and its `<eos>`s fill answer_len tokens: text diffusion's answer
+  padding). `patcher` is an image grid (`unimm.image_grid`): pixel patches go into `patches`; vae / vq
   images into `pixels` (encode = 1), for the train step to encode; latent-cache
   images are cut into `patches` (vae) or code ids in `tokens` (vq).
 
@@ -88,13 +89,14 @@ def encode_document(doc, tok, patcher, *, add_eos=True, seq_len=None):
   task = doc.get("task", "?")
   runs = _Runs(tok.pad_id, patcher)
   runs.special(tok.bos_id, loss=False)
-  num_images, last_text_loss, ends_in_target = 0, False, False
+  num_images, last_text_loss, ends_in_target, answer = 0, False, False, 0
   for k, seg in enumerate(doc["segments"]):
     kind = seg.get("kind")
     if kind == "text":
       last_text_loss = bool(seg.get("loss", True))
-      runs.text(tok.encode(seg["text"]), loss=last_text_loss)
-      ends_in_target = False
+      ids = tok.encode(seg["text"])
+      runs.text(ids, loss=last_text_loss)
+      ends_in_target, answer = False, len(ids) if last_text_loss else 0
     elif kind == "image":
       num_images += 1
       target = seg.get("role") == "target"
@@ -110,13 +112,14 @@ def encode_document(doc, tok, patcher, *, add_eos=True, seq_len=None):
         runs.image(slot, values, index, num_images, NOISED_IMAGE if target else CLEAN_IMAGE,
                    loss=False)
       runs.special(tok.eoi_id, loss=False)
-      ends_in_target = target
+      ends_in_target, answer = target, 0
     else:
       raise UserError(
           f"document (task {task!r}) segment {k} has kind {kind!r}: segments "
           "must be built with unimm.data.document.text(...) or image(...)")
   if add_eos:
-    runs.special(tok.eos_id, loss=last_text_loss or ends_in_target)
+    runs.text((tok.eos_id,) * max(1, answer_len - answer if answer else 1),
+              loss=last_text_loss or ends_in_target)
   out = runs.finish()
   n = len(out["tokens"])
   if seq_len is not None and n > seq_len:
@@ -411,6 +414,7 @@ class _Load(grain.transforms.Map):
     self.image_dropout = float(getattr(data_cfg, "image_dropout", 0.0))
     self.caption_prob = float(getattr(data_cfg, "pair_caption_prob", 0.0))
     self.recaption_prob = float(getattr(data_cfg, "recaption_prob", 0.0))
+    self.answer_len = int(getattr(data_cfg, "answer_len", 0))
 
   def map(self, element):
     record, index, *record_id = element
@@ -427,7 +431,7 @@ class _Load(grain.transforms.Map):
           doc = caption_pair(doc)
       if self.dropout > 0 or self.image_dropout > 0:
         doc = condition_dropout(doc, rng, self.dropout, self.image_dropout)
-      out = encode_document(doc, self.tok, self.patcher)
+      out = encode_document(doc, self.tok, self.patcher, answer_len=self.answer_len)
       n = len(out["tokens"])
       if n <= self.seq_len:
         return {**_to_packed(out), "source": self.k, "origin": origin}
@@ -435,7 +439,8 @@ class _Load(grain.transforms.Map):
         raise records.Skip(TOO_LONG, f"a {doc.get('task')!r} document needs {n} positions but "
                            f"data.seq_len is {self.seq_len}")
       chunks = split_document(doc, self.tok, self.patcher, self.seq_len)
-      return {"chunks": [{**_to_packed(encode_document(c, self.tok, self.patcher)),
+      return {"chunks": [{**_to_packed(encode_document(c, self.tok, self.patcher,
+                                                       answer_len=self.answer_len)),
                           "origin": origin} for c in chunks], "source": self.k}
     except records.Skip as e:
       return {"skip": e.reason, "detail": e.detail, "source": self.k}

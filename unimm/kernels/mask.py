@@ -9,11 +9,14 @@ modality (TEXT / CLEAN_IMAGE / NOISED_IMAGE), image (instance within the documen
 
 with same image = same segment, equal image ids, image > 0: causal over text, bidirectional
 inside each image, nothing across documents, and a noised (generated) image visible only to
-itself. Padding is segment 0 with positions 0: it sees all padding and nothing else.
+itself. Padding is segment 0 with positions 0: it sees all padding and nothing else. Tokens
+of a segment at one position see each other: a document whose tokens all take position 0 in
+the mask is bidirectional (text diffusion, model.text_loss="masked"), its noised images still
+hidden from the rest.
 
 Kernels see two int32 columns per token (`pack`): `code = segment << 15 | image << 1 | noised`
 and `pos`; `tile_mask` rebuilds any tile's mask from them. Rows follow the batch contract
-(`unimm.batch`): each segment and each image is contiguous, positions increase within a
+(`unimm.batch`): each segment and each image is contiguous, positions never decrease within a
 segment. Then the keys a query can see lie in one index interval, and so do the queries that
 can see a key, which gives per block the range of tiles to visit (`block_ranges`), and a tile
 whose pairs are all allowed needs no mask at all (`full_tiles`).
@@ -71,12 +74,16 @@ def tile_mask(q_code, q_pos, k_code, k_pos):
   return same_seg & (causal | same_img) & ~(noised_key & ~same_img)
 
 
-def run_bounds(key):
-  """For [B, L] ids constant over contiguous runs: (first, last) index of each token's run."""
+def run_bounds(key, *more):
+  """For [B, L] ids constant over contiguous runs: (first, last) index of each token's run
+  (with `more` ids, a run is where all of them stay constant)."""
   b, l = key.shape
   idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  starts = jnp.concatenate([jnp.ones((b, 1), bool), key[:, 1:] != key[:, :-1]], axis=1)
-  ends = jnp.concatenate([key[:, 1:] != key[:, :-1], jnp.ones((b, 1), bool)], axis=1)
+  change = key[:, 1:] != key[:, :-1]
+  for k in more:
+    change = change | (k[:, 1:] != k[:, :-1])
+  starts = jnp.concatenate([jnp.ones((b, 1), bool), change], axis=1)
+  ends = jnp.concatenate([change, jnp.ones((b, 1), bool)], axis=1)
   first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
   last = jax.lax.cummin(jnp.where(ends, idx, l - 1), axis=1, reverse=True)
   return first, last
@@ -111,11 +118,14 @@ def token_ranges(ids: MaskIds):
   in_image = ids.image > 0
   image_key = jnp.where(in_image, ids.segment * MAX_IMAGE + ids.image, -1 - idx)  # text: unique
   img_first, img_last = run_bounds(image_key)
+  pos_first, pos_last = run_bounds(ids.segment, ids.position)  # tokens at one position see each other
   padding = ids.segment == 0
   noised = ids.modality == NOISED_IMAGE
   kv_lo = seg_first
-  kv_hi = jnp.where(padding, seg_last, jnp.where(in_image, jnp.maximum(idx, img_last), idx))
-  q_lo = jnp.where(padding, seg_first, jnp.where(in_image, jnp.minimum(idx, img_first), idx))
+  kv_hi = jnp.where(padding, seg_last,
+                    jnp.maximum(pos_last, jnp.where(in_image, jnp.maximum(idx, img_last), idx)))
+  q_lo = jnp.where(padding, seg_first,
+                   jnp.minimum(pos_first, jnp.where(in_image, jnp.minimum(idx, img_first), idx)))
   q_hi = jnp.where(noised & in_image, img_last, seg_last)
   return (kv_lo, kv_hi), (q_lo, q_hi)
 

@@ -166,6 +166,38 @@ def timestep_embedding(t, dim, max_period=10_000.0):
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+class TokenDiffusionHead(nnx.Module):
+  """MAR's per-token diffusion MLP (Harmon, MAR: SimpleMLPAdaLN): predicts one image token's
+  flow output (velocity or x0, model.prediction) from its noised value x_t [..., D], its time
+  t [...] and the transformer's output z [..., W] at that token. z plus the embedded t is the
+  condition c; `depth` residual blocks each modulate an RMS-normed stream by shift / scale /
+  gate from c (adaLN) and apply a SiLU MLP; the output projection starts at zero."""
+
+  def __init__(self, token_dim, cond_dim, width, depth, *, rngs):
+    std = lambda n: 1.0 / math.sqrt(n)
+    self.x_in = param(rngs, (token_dim, width), ("patch", "mlp"), std(token_dim))
+    self.z_in = param(rngs, (cond_dim, width), ("embed", "mlp"), std(cond_dim))
+    self.t_in = param(rngs, (256, width), (None, "mlp"), std(256))
+    self.ada = param(rngs, (depth + 1, width, 3 * width), (None, "mlp", None), zeros=True)
+    self.w1 = param(rngs, (depth, width, width), (None, "mlp", None), std(width))
+    self.w2 = param(rngs, (depth, width, width), (None, None, "mlp"), std(width))
+    self.out = param(rngs, (width, token_dim), ("mlp", "patch"), zeros=True)
+    self.depth = depth
+
+  def __call__(self, x_t, t, z):
+    dtype = self.x_in.value.dtype
+    c = jax.nn.silu(z.astype(dtype) @ self.z_in.value
+                    + timestep_embedding(t, 256).astype(dtype) @ self.t_in.value)
+    h = x_t.astype(dtype) @ self.x_in.value
+    norm = lambda v: v * jax.lax.rsqrt(jnp.mean(jnp.square(v), -1, keepdims=True) + 1e-6)
+    for i in range(self.depth):
+      shift, scale, gate = jnp.split(c @ self.ada.value[i], 3, axis=-1)
+      y = norm(h) * (1.0 + scale) + shift
+      h = h + gate * (jax.nn.silu(y @ self.w1.value[i]) @ self.w2.value[i])
+    shift, scale, _ = jnp.split(c @ self.ada.value[self.depth], 3, axis=-1)
+    return ((norm(h) * (1.0 + scale) + shift) @ self.out.value).astype(jnp.float32)
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block: attention then a feed-forward (SwiGLU, or a routed MoE
   in the blocks model.moe selects), each residual.

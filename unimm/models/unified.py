@@ -25,8 +25,8 @@ from unimm.batch import TEXT
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import image_tokenizer
 from unimm.kernels.attention import IMPLS as ATTENTION_IMPLS
-from unimm.models.layers import (Block, MaskIds, RMSNorm, aligned_source, check_remat, param,
-                                 run_blocks, timestep_embedding)
+from unimm.models.layers import (Block, MaskIds, RMSNorm, TokenDiffusionHead, aligned_source,
+                                 check_remat, param, run_blocks, timestep_embedding)
 from unimm.parallel.sharding import constrain
 
 T_FREQ_DIM = 256
@@ -53,6 +53,8 @@ class UnifiedTransformer(nnx.Module):
     self.image_rope_2d = bool(cfg.image_rope_2d)
     self.vocab_size, self.patch_dim = vocab_size, patch_dim
     self.code_offset, self.mask_id = code_offset, mask_id
+    # text diffusion (MMaDA): every document bidirectional, its noised images still hidden
+    self.bidirectional = getattr(cfg, "text_loss", "next_token") != "next_token"
     self.embed = param(rngs, (vocab_size, w), ("vocab", "embed"), 1.0)
     # (none when images are codes only: a zero-size parameter cannot be checkpointed)
     self.patch_in = (param(rngs, (patch_dim, w), ("patch", "embed"), 1.0 / math.sqrt(patch_dim))
@@ -70,7 +72,14 @@ class UnifiedTransformer(nnx.Module):
     # tied: the logits are the residual stream times the transposed embedding table
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs, (w, vocab_size), ("embed", "vocab"), 1.0 / math.sqrt(w)))
-    self.flow_head = param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True) if flow else None
+    # Harmon / MAR (model.image_loss "mar"): masked target tokens embed a learned mask vector, a
+    # per-token diffusion MLP (not a linear flow head) draws each from the transformer's output
+    self.mar = getattr(cfg, "image_loss", "flow") == "mar"
+    self.flow_head = (param(rngs, (w, patch_dim), ("embed", "patch"), zeros=True)
+                      if flow and not self.mar else None)
+    self.mask_embed = param(rngs, (w,), ("embed",), 0.02) if self.mar else None
+    self.mar_head = (TokenDiffusionHead(patch_dim, w, cfg.mar.head_width, cfg.mar.head_depth,
+                                        rngs=rngs) if self.mar else None)
     # editing (model.edit_source): a noised target patch also embeds the clean patch at its place
     # in the document's last condition image (InstructPix2Pix's channel concatenation, as a sum;
     # initialised like patch_in, last so that the other parameters keep their initial values);
@@ -98,7 +107,7 @@ class UnifiedTransformer(nnx.Module):
     if self.source_in is not None:
       source = self.edit_sources(patches, segment_ids, modality, image_ids).astype(dtype)
       img = img + source @ self.source_in.value
-    if self.flow_head is not None:
+    if self.t_in is not None:  # flow models (a flow head or MAR's diffusion MLP)
       # (batch-sharded like the rows: unconstrained, XLA gathers the whole batch's [B, L, 256]
       # to meet t_in's fsdp-sharded columns instead of gathering the weight)
       temb = constrain(timestep_embedding(t, T_FREQ_DIM).astype(dtype), ("batch", "length", None))
@@ -126,7 +135,9 @@ class UnifiedTransformer(nnx.Module):
     own (MetaQuery's learnable queries in a frozen LLM's input).
     Routed blocks' statistics are sown as nnx.Intermediate "router" (one row per routed
     feed-forward; `losses.add_router_losses` pops them)."""
-    ids = MaskIds(segment_ids, modality, image_ids, positions)
+    # (tokens of a document at one position see each other: position 0 makes it bidirectional)
+    ids = MaskIds(segment_ids, modality, image_ids,
+                  jnp.zeros_like(positions) if self.bidirectional else positions)
     x = self.embed_inputs(tokens, patches, t, modality, patch_index, segment_ids, image_ids)
     if replace is not None:
       x = jnp.where(replace[..., None], embeds.astype(x.dtype), x)
@@ -138,6 +149,12 @@ class UnifiedTransformer(nnx.Module):
     if stats is not None:
       self.sow(nnx.Intermediate, "router", stats)
     return self.final_norm(x), new_cache
+
+  def mask_embeddings(self, modality, patch_index):
+    """MAR: the input embedding of a masked image token, [B, L, W]: the mask vector plus the
+    token's patch position and modality (what `embed_inputs` adds to a patch)."""
+    return (self.mask_embed.value + jnp.take(self.patch_pos.value, patch_index, axis=0)
+            + jnp.take(self.modality_embed.value, modality, axis=0))
 
   def head(self):
     """The LM head [W, V] (the transposed token table when tied)."""

@@ -4,7 +4,12 @@
   next_token  next-token cross-entropy over text and image codes alike
               (Chameleon / Emu3 early fusion, Janus-Pro generation)
   masked      next-token cross-entropy on text + w * cross-entropy on masked image
-              codes (MaskGIT: each target image masks a cos(pi/2 u) share of its codes)
+              codes (MaskGIT: each target image masks a cos(pi/2 u) share of its codes);
+              with model.text_loss "masked" the text term is masked diffusion too
+              (MMaDA / LLaDA: answer tokens masked with probability t, weight 1/t)
+  mar         next-token cross-entropy + lambda * per-token flow matching of the masked
+              tokens of each target image through a diffusion MLP on the transformer's
+              output (Harmon / MAR: masked autoregression in random order)
 
 Each term is averaged over its own global token count: text targets with
 loss_mask = 1 for the cross-entropy, noised image tokens for the flow loss,
@@ -16,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from unimm.batch import NOISED_IMAGE
+from unimm.batch import NOISED_IMAGE, TEXT
 from unimm.errors import UserError
 from unimm.models.layers import pop_router_stats
 from unimm.objectives import flow
@@ -81,6 +86,8 @@ def unified_loss(model, batch, rng, cfg):
   kind = getattr(cfg.model, "image_loss", "flow")
   if kind == "masked":
     loss, metrics = masked_loss(model, batch, rng, cfg)
+  elif kind == "mar":
+    loss, metrics = mar_loss(model, batch, rng, cfg)
   elif kind == "next_token":
     loss, metrics = next_token_only_loss(model, batch, cfg)
   else:
@@ -129,26 +136,182 @@ def mask_ratio(u):
   return jnp.cos(0.5 * math.pi * u)
 
 
-def masked_loss(model, batch, rng, cfg):
-  """MaskGIT on the target images (NOISED_IMAGE positions holding codes): per image
+T_EPS = 1e-3  # text diffusion: t ~ U(T_EPS, 1), so that the 1/t weight stays bounded (LLaDA)
+
+
+def masked_codes(rng, batch):
+  """MaskGIT's masking of the target images (NOISED_IMAGE positions holding codes): per image
   u ~ U(0, 1), each code masked with probability cos(pi/2 u) (Bernoulli per code, so the
-  masked count is cos(pi/2 u) N in expectation); the model sees the mask id there and is
-  trained to predict the code, loss on masked codes only. Text keeps next-token loss."""
+  masked count is cos(pi/2 u) N in expectation): [B, L] bool."""
   rng_u, rng_m = jax.random.split(rng)
   modality, tokens = batch["modality"], batch["tokens"]
-  target = modality == NOISED_IMAGE
   u = flow.per_image_value(jax.random.uniform(rng_u, tokens.shape), batch["segment_ids"],
                            batch["image_ids"], modality)
-  masked = target & (jax.random.uniform(rng_m, tokens.shape) < mask_ratio(u))
-  inputs = jnp.where(masked, model.mask_id, tokens)
+  return (modality == NOISED_IMAGE) & (jax.random.uniform(rng_m, tokens.shape) < mask_ratio(u))
+
+
+def answer_tokens(batch):
+  """[B, L] bool: the text tokens text diffusion predicts: tokens with LM loss (loss_mask at
+  the position before, same document) that no target image of their document follows (the
+  text before a target image, a t2i or edit prompt, is its condition)."""
+  seg, modality = batch["segment_ids"], batch["modality"]
+  b, l = seg.shape
+  shift = lambda x, fill: jnp.concatenate([jnp.full((b, 1), fill, x.dtype), x[:, :-1]], axis=1)
+  lm = (shift(batch["loss_mask"], 0.0) > 0) & (shift(seg, -1) == seg)
+  idx = jnp.broadcast_to(jnp.arange(l), (b, l))
+  nxt = jax.lax.cummin(jnp.where(modality == NOISED_IMAGE, idx, l), axis=1, reverse=True)
+  followed = (nxt < l) & (jnp.take_along_axis(seg, jnp.minimum(nxt, l - 1), axis=1) == seg)
+  return lm & (modality == TEXT) & ~followed & (seg > 0)
+
+
+def per_document_value(values, segment_ids):
+  """values [B, L] -> each token takes the value at its document's first token."""
+  l = segment_ids.shape[1]
+  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  first = jax.lax.cummax(jnp.where(segment_ids != prev, jnp.arange(l)[None, :], 0), axis=1)
+  return jnp.take_along_axis(values, first, axis=1)
+
+
+def masked_text(rng, batch):
+  """Text diffusion's forward process: per document t ~ U(T_EPS, 1), each answer token masked
+  with probability t: (answer [B, L] bool, masked [B, L] bool, t [B, L] float32)."""
+  rng_t, rng_m = jax.random.split(rng)
+  shape = batch["tokens"].shape
+  t = per_document_value(jax.random.uniform(rng_t, shape, minval=T_EPS, maxval=1.0),
+                         batch["segment_ids"])
+  answer = answer_tokens(batch)
+  return answer, answer & (jax.random.uniform(rng_m, shape) < t), t
+
+
+def diffusion_text_loss(nll, correct, answer, masked, t):
+  """The masked-diffusion ELBO over the answer tokens: sum over masked tokens of nll / t,
+  divided by the number of answer tokens (its expectation over the masks is the mean nll of
+  every answer token at that t: a token is masked with probability t). Returns (loss, answer
+  count, correct predictions among the masked, masked count)."""
+  n = jnp.sum(answer.astype(jnp.float32))
+  m = masked.astype(jnp.float32)
+  loss = jnp.sum(nll * m / t) / jnp.maximum(n, 1.0)
+  return loss, n, jnp.sum(correct * m), jnp.sum(m)
+
+
+def metric_path_logits(emb, x1, t, beta_scale, beta_power):
+  """FUDOKI's metric-induced probability path over a vocabulary of V tokens:
+  log p_t(x | x1) = -beta(t) d(x, x1) + const, d = 1 - cos(e_x, e_x1) of the embeddings emb
+  [V, W], beta(t) = beta_scale ((1 - t) / t)^beta_power: uniform at t = 1 (noise), all on x1
+  as t -> 0. x1, t: [...] -> logits [..., V]."""
+  e = emb.astype(jnp.float32)
+  e = e * jax.lax.rsqrt(jnp.sum(e * e, -1, keepdims=True) + 1e-12)
+  dist = 1.0 - jnp.take(e, x1, axis=0) @ e.T
+  beta = beta_scale * ((1.0 - t) / t) ** beta_power
+  return -beta[..., None] * dist
+
+
+def path_beta_scale(text_flow, vocab):
+  return float(text_flow.beta_scale) or math.log(vocab)
+
+
+def metric_path_text(rng, batch, emb, text_flow):
+  """FUDOKI's forward process on the answer tokens: per document t ~ U(T_EPS, 1), each answer
+  token x1 replaced by a draw of p_t(. | x1) (`metric_path_logits` over the rows of emb, the
+  text vocabulary): (answer [B, L] bool, x_t [B, L] int32, t [B, L])."""
+  rng_t, rng_x = jax.random.split(rng)
+  tokens = batch["tokens"]
+  t = per_document_value(jax.random.uniform(rng_t, tokens.shape, minval=T_EPS, maxval=1.0),
+                         batch["segment_ids"])
+  answer = answer_tokens(batch)
+  vocab = emb.shape[0]
+  logits = metric_path_logits(emb, jnp.minimum(tokens, vocab - 1), t,
+                              path_beta_scale(text_flow, vocab), float(text_flow.beta_power))
+  x_t = jax.random.categorical(rng_x, logits).astype(tokens.dtype)
+  return answer, jnp.where(answer, x_t, tokens), t
+
+
+def masked_loss(model, batch, rng, cfg):
+  """MaskGIT on the target images (`masked_codes`): the model sees the mask id there and is
+  trained to predict the code, loss on masked codes only. Text keeps next-token loss, or is
+  discrete diffusion (the model attends bidirectionally within each document): model.text_loss
+  "masked", absorbing-state (`masked_text`, `diffusion_text_loss`), or "flow", FUDOKI's discrete
+  flow matching: answer tokens drawn from the metric path (`metric_path_text`, over the text
+  rows of the frozen-in-the-loss token table), cross-entropy of the clean token at every answer
+  position."""
+  rng_img, rng_txt = jax.random.split(rng)
+  tokens = batch["tokens"]
+  masked = masked_codes(rng_img, batch)
+  text_loss = getattr(cfg.model, "text_loss", "next_token")
+  inputs, hide = tokens, masked
+  if text_loss == "masked":
+    answer, text_masked, t = masked_text(rng_txt, batch)
+    hide = masked | text_masked
+  elif text_loss == "flow":
+    emb = jax.lax.stop_gradient(model.embed.value[:model.code_offset])
+    answer, inputs, t = metric_path_text(rng_txt, batch, emb, cfg.model.text_flow)
+  inputs = jnp.where(hide, model.mask_id, inputs)
   h = _hidden(model, batch, inputs, batch["patches"], jnp.zeros(tokens.shape))
-  (nll, correct), (m_nll, m_correct) = _nll(model, h, cfg, batch["targets"], tokens)
-  ce, n_text, n_correct = next_token_loss(nll, correct, batch["loss_mask"].astype(jnp.float32))
+  if text_loss == "masked":  # every term predicts the token at its own position
+    ((m_nll, m_correct),) = _nll(model, h, cfg, tokens)
+    ce, n_text, n_correct, n_scored = diffusion_text_loss(m_nll, m_correct, answer, text_masked, t)
+  elif text_loss == "flow":
+    ((m_nll, m_correct),) = _nll(model, h, cfg, tokens)
+    ce, n_text, n_correct = next_token_loss(m_nll, m_correct, answer.astype(jnp.float32))
+    n_scored = n_text
+  else:
+    (nll, correct), (m_nll, m_correct) = _nll(model, h, cfg, batch["targets"], tokens)
+    ce, n_text, n_correct = next_token_loss(nll, correct, batch["loss_mask"].astype(jnp.float32))
+    n_scored = n_text
   mce, n_masked, m_correct = next_token_loss(m_nll, m_correct, masked.astype(jnp.float32))
   loss = ce + cfg.model.mask_loss_weight * mce
   return loss, {"loss": loss, "ce": ce, "ce_image": mce, "text_tokens": n_text,
-                "image_tokens": n_masked, "token_accuracy": n_correct / jnp.maximum(n_text, 1.0),
+                "image_tokens": n_masked, "token_accuracy": n_correct / jnp.maximum(n_scored, 1.0),
                 "image_accuracy": m_correct / jnp.maximum(n_masked, 1.0)}
+
+
+def mar_mask_ratio(rng, shape, mask_min):
+  """MAR's share of an image's tokens to mask: N(1, 0.25) truncated to [mask_min, 1]."""
+  return 1.0 + 0.25 * jax.random.truncated_normal(rng, (mask_min - 1.0) / 0.25, 0.0, shape)
+
+
+def mar_masked(rng, batch, mask_min):
+  """Which target-image tokens MAR masks: per image a share r (`mar_mask_ratio`), each token
+  masked with probability r (a random order whose first r N are masked, in expectation)."""
+  rng_r, rng_m = jax.random.split(rng)
+  modality, shape = batch["modality"], batch["tokens"].shape
+  r = flow.per_image_value(mar_mask_ratio(rng_r, shape, mask_min), batch["segment_ids"],
+                           batch["image_ids"], modality)
+  return (modality == NOISED_IMAGE) & (jax.random.uniform(rng_m, shape) < r)
+
+
+def mar_hidden(model, batch, patches, masked):
+  """The transformer's output when `masked` image tokens show only the mask embedding and the
+  others their clean patches (`patches`)."""
+  patches = jnp.where(masked[..., None], 0.0, patches)
+  return model.hidden(batch["tokens"], patches, jnp.zeros(masked.shape), batch["modality"],
+                      batch["image_ids"], batch["patch_index"], batch["segment_ids"],
+                      batch["positions"], replace=masked,
+                      embeds=model.mask_embeddings(batch["modality"], batch["patch_index"]))[0]
+
+
+def mar_loss(model, batch, rng, cfg):
+  """Harmon / MAR: the masked tokens of each target image (`mar_masked`) are predicted from
+  the transformer's output z by the per-token diffusion MLP, flow matching with
+  model.mar.t_repeat times per token (t as flow.* samples it, per token); loss averaged over
+  the masked tokens and draws. Text keeps next-token loss."""
+  rng_mask, rng_t, rng_eps = jax.random.split(rng, 3)
+  m = cfg.model.mar
+  masked = mar_masked(rng_mask, batch, m.mask_min)
+  x0 = batch["patches"].astype(jnp.float32)
+  h = mar_hidden(model, batch, x0, masked)
+  k = int(m.t_repeat)
+  t = flow.sample_time(rng_t, (k,) + masked.shape, cfg.flow, cfg.data.image_size,
+                       tokens=model.patch_pos.value.shape[0])
+  eps = jax.random.normal(rng_eps, (k,) + x0.shape, jnp.float32)
+  x_t = flow.add_noise(x0[None], eps, t)
+  v = flow.velocity(model.mar_head(x_t, t, h[None]), x_t, t, cfg.model.prediction, cfg.flow.t_min)
+  fm, n_img = flow_loss(v, eps - x0[None], jnp.broadcast_to(masked, t.shape).astype(jnp.float32))
+  ((nll, correct),) = _nll(model, h, cfg, batch["targets"])
+  ce, n_text, n_correct = next_token_loss(nll, correct, batch["loss_mask"].astype(jnp.float32))
+  loss = ce + cfg.flow.loss_weight * fm
+  return loss, {"loss": loss, "ce": ce, "flow": fm, "text_tokens": n_text,
+                "image_tokens": n_img / k, "token_accuracy": n_correct / jnp.maximum(n_text, 1.0)}
 
 
 def flow_matching_loss(model, batch, rng, cfg):

@@ -12,6 +12,12 @@
   sample.mask_steps steps predicts every masked code (guided logits), keeps
   the most confident and re-masks the rest, cos(pi/2 s/T) of the codes masked
   after step s.
+- continuous tokens, mar (Harmon / MAR): all masked; each step draws every
+  masked token with the per-token diffusion MLP (Euler, CFG on its velocity)
+  and keeps the next ones of a random order (cosine schedule).
+- text diffusion (model.text_loss "masked" / "flow"): an answer block after
+  the prompt, unmasked most confident first (MMaDA) or drawn anew from the
+  metric path at decreasing t (FUDOKI) over sample.text_steps steps.
 
 Prompts are documents (`unimm.data.document`) encoded exactly as in training:
 vae / vq images by the image tokenizer on the device (`encode_images`).
@@ -30,6 +36,7 @@ from unimm.data.pipeline import encode_document
 from unimm.errors import UserError
 from unimm.models.image_tokenizer import encode_images, frozen_variables
 from unimm.objectives import flow
+from unimm.objectives import losses
 
 MASKGIT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel noise on the confidence at step 0
 
@@ -51,6 +58,19 @@ def _stack(encoded, length, left_pad):
       out[k][i, sl] = e[k]
     out["segment_ids"][i, sl] = 1
     out["positions"][i, sl] = np.arange(m)
+  return out
+
+
+def mar_schedule(n, steps):
+  """Tokens MAR reveals at each step: floor(n cos(pi/2 (k+1) / K)) stay masked after step k of
+  K = min(steps, n), and at least one is revealed a step."""
+  steps, out, masked = max(1, min(int(steps), n)), [], n
+  for k in range(steps):
+    left = 0 if k == steps - 1 else min(int(math.floor(n * math.cos(0.5 * math.pi * (k + 1) / steps))),
+                                        masked - 1, n - k - 1)
+    left = max(left, steps - k - 1)  # one token for each step still to come
+    out.append(masked - left)
+    masked = left
   return out
 
 
@@ -97,6 +117,8 @@ class Sampler(Prompts):
     self._forward = jax.jit(self._forward_fn)
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
     self._encode_images = jax.jit(functools.partial(encode_images, patcher))
+    self._mar_z = jax.jit(self._mar_z_fn)
+    self._mar_ode = jax.jit(self._mar_ode_fn)
 
   def _encode(self, docs, add_eos=False):
     """Documents encoded as in training, right-padded into one batch: (encodings, batch)."""
@@ -155,6 +177,8 @@ class Sampler(Prompts):
       if self.patcher.causal:
         return self._generate_next_token(cond_docs, uncond_docs, seed)
       return self._generate_masked(cond_docs, uncond_docs, seed)
+    if getattr(self.cfg.model, "image_loss", "flow") == "mar":
+      return self._generate_mar(cond_docs, uncond_docs, seed)
     s = self.cfg.sample
     image_scale = float(getattr(s, "image_cfg_scale", 1.0))
     sets = [cond_docs] + ([uncond_docs] if s.cfg_scale != 1.0 or image_scale != 1.0 else [])
@@ -175,6 +199,49 @@ class Sampler(Prompts):
       else:
         v = v[0]
       x = x + (t_next - t) * v
+    return np.asarray(self.patcher.decode(np.asarray(x)))
+
+  def _mar_z_fn(self, params, b, x, idx, masked):
+    """MAR: the transformer's output at the target tokens `idx` [n, N] when they hold x
+    [n, N, D] and those `masked` [n, N] show the mask embedding instead: [n, N, W]."""
+    rows = jnp.arange(x.shape[0])[:, None]
+    patches = b["patches"].at[rows, idx].set(x)
+    mask = jnp.zeros(b["tokens"].shape, bool).at[rows, idx].set(masked)
+    return losses.mar_hidden(self._model(params), b, patches, mask)[rows, idx]
+
+  def _mar_ode_fn(self, params, z_c, z_u, noise):
+    """MAR: every token drawn by the diffusion MLP from its z, Euler from t=1 (`noise`) to 0 on
+    the training schedule's shift, guided v = v_u + w (v_c - v_u) when z_u is given."""
+    model, s = self._model(params), self.cfg.sample
+    shift = flow.resolution_shift(self.cfg.flow, self.cfg.data.image_size, self.patcher.num_patches)
+    ts = flow.euler_schedule(s.steps, shift)
+    x = noise
+    for i in range(s.steps):
+      t = jnp.full(x.shape[:2], ts[i])
+      v = lambda z: flow.velocity(model.mar_head(x, t, z), x, t, self.cfg.model.prediction,
+                                  self.cfg.flow.t_min)
+      vel = v(z_c) if z_u is None else v(z_u) + s.cfg_scale * (v(z_c) - v(z_u))
+      x = x + (ts[i + 1] - ts[i]) * vel
+    return x
+
+  def _generate_mar(self, cond_docs, uncond_docs, seed):
+    """Harmon / MAR: all target tokens start masked; each of sample.mask_steps steps runs the
+    transformer on what is known, draws every masked token with the diffusion MLP and keeps
+    the next ones of a random order (`mar_schedule` of them), the others staying masked."""
+    guided = self.cfg.sample.cfg_scale != 1.0
+    batches = [self._target_batch(d) for d in ([cond_docs, uncond_docs] if guided else [cond_docs])]
+    n, N, dim = len(cond_docs), self.patcher.num_patches, self.patcher.patch_dim
+    rng = np.random.default_rng(seed)
+    order = np.stack([rng.permutation(N) for _ in range(n)])
+    x, known, done = jnp.zeros((n, N, dim), jnp.float32), np.zeros((n, N), bool), 0
+    for k, m in enumerate(mar_schedule(N, int(self.cfg.sample.mask_steps))):
+      zs = [self._mar_z(self.params, b, x, idx, jnp.asarray(~known)) for b, idx in batches]
+      noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), k), x.shape)
+      drawn = self._mar_ode(self.params, zs[0], zs[1] if guided else None, noise)
+      reveal = np.zeros((n, N), bool)
+      reveal[np.arange(n)[:, None], order[:, done:done + m]] = True
+      x = jnp.where(jnp.asarray(reveal)[..., None], drawn, x)
+      known, done = known | reveal, done + m
     return np.asarray(self.patcher.decode(np.asarray(x)))
 
   def _guided_codes(self, logits_c, logits_u):
@@ -199,8 +266,12 @@ class Sampler(Prompts):
     return jax.random.categorical(rng, logits, axis=-1)
 
   def _generate_next_token(self, cond_docs, uncond_docs, seed):
+    return self.patcher.decode(self.next_token_codes(cond_docs, uncond_docs, seed))
+
+  def next_token_codes(self, cond_docs, uncond_docs, seed):
     """Early fusion: prompt (the document up to its target image) + <boi>, then the
-    codes one at a time with the KV cache; cond and uncond rows share one batch."""
+    codes one at a time with the KV cache; cond and uncond rows share one batch. Returns
+    the code ids (text vocabulary offset included) [n, N] int32."""
     p, n = self.patcher, len(cond_docs)
     guided = self.cfg.sample.cfg_scale != 1.0
     docs = cond_docs + (uncond_docs if guided else [])
@@ -235,7 +306,7 @@ class Sampler(Prompts):
               "segment_ids": np.ones((rows, 1), np.int32),
               "positions": (lengths + i)[:, None].astype(np.int32)}
       logits, cache = self._decode(self.params, cache, step, Lp + i)
-    return p.decode(out)
+    return out
 
   def _generate_masked(self, cond_docs, uncond_docs, seed):
     """MaskGIT decoding (confidence = log p of the drawn code plus Gumbel noise annealed
@@ -316,6 +387,8 @@ class Sampler(Prompts):
     prompts = prompts or [""] * len(images)
     docs = [D.document("caption", [D.image(im, "condition")] + ([D.text(p, loss=False)] if p else []))
             for im, p in zip(images, prompts)]
+    if getattr(self.cfg.model, "text_loss", "next_token") != "next_token":
+      return self._text_by_diffusion(docs)
     enc = [encode_document(d, self.tok, self.patcher, add_eos=False) for d in docs]
     lengths = np.array([len(e["tokens"]) for e in enc])
     Lp = _round_up(int(lengths.max()))
@@ -342,6 +415,79 @@ class Sampler(Prompts):
               "positions": (lengths + i)[:, None].astype(np.int32)}
       logits, cache = self._decode(self.params, cache, step, Lp + i)
     return [self.tok.decode([int(x) for x in row]) for row in out]
+
+  def _answer_block(self, docs, fill):
+    """Text diffusion's layout: each prompt followed by an answer block of data.answer_len
+    tokens (the length training padded answers to with <eos>) holding `fill` [n, n_ans]:
+    (the batch on the device, [n, n_ans] positions of the blocks)."""
+    n_ans = fill.shape[1]
+    enc = []
+    for d, f in zip(docs, np.asarray(fill)):
+      e = encode_document(d, self.tok, self.patcher, add_eos=False)
+      e = {k: np.concatenate([v, np.zeros((n_ans,) + v.shape[1:], v.dtype)]) for k, v in e.items()}
+      e["tokens"][-n_ans:] = f
+      enc.append(e)
+    lengths = np.array([len(e["tokens"]) for e in enc])
+    b = self._device(_stack(enc, _round_up(int(lengths.max())), left_pad=False))
+    return b, jnp.asarray(lengths[:, None] - n_ans + np.arange(n_ans))
+
+  def _answer_logits(self, b, idx, ids):
+    """The model's text logits [n, n_ans, text vocabulary] at the answer block holding ids."""
+    rows = np.arange(ids.shape[0])[:, None]
+    logits, _ = self._forward(self.params, dict(b, tokens=b["tokens"].at[rows, idx].set(ids)),
+                              jnp.zeros(b["tokens"].shape, jnp.float32))
+    return logits[rows, idx][..., :self.tok.vocab_size]
+
+  def _text_by_diffusion(self, docs):
+    """Text diffusion (model.text_loss "masked" or "flow"): the answer block is refined over
+    sample.text_steps steps (0: one a token); the text ends at the first <eos>.
+      masked (MMaDA / LLaDA): the block starts as mask ids; each step predicts every masked
+        position (greedy, or drawn at sample.temperature) and unmasks the most confident, the
+        rest staying masked (low-confidence remasking), an equal share a step; with
+        sample.text_block, sub-blocks of that many tokens left to right (semi-autoregressive,
+        as LLaDA / MMaDA sample: otherwise the confident <eos> padding is unmasked first).
+      flow (FUDOKI): the block starts uniform over the text vocabulary (the path at t = 1); each
+        step from t to t - 1/K predicts the clean tokens x1 and draws the block anew from the
+        metric path p_{t - 1/K}(. | x1) (`losses.metric_path_logits`), x1 itself at the end."""
+    s, m = self.cfg.sample, self.cfg.model
+    n, n_ans = len(docs), int(getattr(self.cfg.data, "answer_len", 0)) or int(s.max_new_tokens)
+    steps = min(int(getattr(s, "text_steps", 0)) or n_ans, n_ans)
+    rng = jax.random.key(0)
+    flow_path = m.text_loss == "flow"
+    vocab = self.patcher.code_offset  # the text rows of the token table
+    if flow_path:
+      rng, sub = jax.random.split(rng)
+      ids = jax.random.randint(sub, (n, n_ans), 0, vocab, jnp.int32)
+      emb = self._model(self.params).embed.value[:vocab]
+      beta = (losses.path_beta_scale(m.text_flow, vocab), float(m.text_flow.beta_power))
+    else:
+      ids = jnp.full((n, n_ans), self.patcher.mask_id, jnp.int32)
+    b, idx = self._answer_block(docs, ids)
+    block = min(int(getattr(s, "text_block", 0)) or n_ans, n_ans)
+    blocks = -(-n_ans // block)
+    per_block = max(1, steps // blocks) if not flow_path else steps
+    for k in range(blocks * per_block if not flow_path else steps):
+      lg = self._answer_logits(b, idx, ids)
+      rng, sub, sub2 = jax.random.split(rng, 3)
+      drawn = self._pick(lg.reshape(n * n_ans, -1), sub).reshape(n, n_ans).astype(jnp.int32)
+      if flow_path:
+        t_next = 1.0 - (k + 1) / steps
+        if t_next <= 0:
+          ids = drawn
+        else:
+          path = losses.metric_path_logits(emb, drawn, jnp.full(drawn.shape, t_next), *beta)
+          ids = jax.random.categorical(sub2, path).astype(jnp.int32)
+        continue
+      conf = jnp.take_along_axis(jax.nn.log_softmax(lg, -1), drawn[..., None], -1)[..., 0]
+      j, r = divmod(k, per_block)  # block j (semi-autoregressive: left to right), its step r
+      size = min(block, n_ans - j * block)
+      here = (np.arange(n_ans) >= j * block) & (np.arange(n_ans) < j * block + size)
+      masked = (ids == self.patcher.mask_id) & jnp.asarray(here)
+      still = size * (per_block - r - 1) // per_block  # masked in the block after this step
+      conf = jnp.where(masked, conf, -jnp.inf)
+      rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)  # 0: the most confident
+      ids = jnp.where(masked & (rank < masked.sum(-1, keepdims=True) - still), drawn, ids)
+    return [self.tok.decode([int(x) for x in row]) for row in np.asarray(ids)]
 
   def _pick(self, logits, rng):
     s = self.cfg.sample

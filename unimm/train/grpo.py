@@ -1,0 +1,191 @@
+"""GRPO on a unified model that draws images as next-token codes (early fusion; the X-Omni
+recipe), with ShapesEval's image parser as the reward.
+
+    python -m unimm.train.grpo --init runs/x_omni --workdir runs/x_omni_grpo [--config FILE]
+
+The config is the starting workdir's (its config.json) unless --config names a file; the
+`grpo` fields (prompts, group, temperature, kl_weight, lr, steps, time_limit_s) take overrides.
+
+Each iteration draws grpo.prompts one-object Shapes prompts (training scenes, not the eval's),
+samples grpo.group images per prompt from the current policy (codes at grpo.temperature, no
+guidance: the policy's own distribution), and rewards each with the share of colour, shape and
+position the parser reads correctly off it. Advantages are normalised within each prompt's
+group, A = (r - mean) / (std + 1e-4) (GRPO, DeepSeekMath), and one AdamW step minimises
+
+    mean over the sampled codes of  -A log pi(code)  +  beta * KL_k3(pi || pi_ref)
+
+(on-policy: one update per rollout, so PPO's ratio is 1 and its clip inactive; k3 = e^d - d - 1,
+d = log pi_ref - log pi, per code). The reference is the starting checkpoint, frozen. The
+workdir holds checkpoints in the training format (`python -m unimm.sample --workdir` reads
+them), `grpo.jsonl` (reward, KL, advantage spread per iteration) and, at the end, ShapesEval.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unimm.data import document as D
+from unimm.data import shapes
+from unimm.data.pipeline import encode_document
+from unimm.errors import UserError, cli
+from unimm.eval.shapes_eval import ATTRIBUTES, parse_image
+
+ADV_EPS = 1e-4
+
+
+def group_advantages(rewards, group):
+  """[P * G] rewards, grouped prompt by prompt -> (r - group mean) / (group std + ADV_EPS)."""
+  r = np.asarray(rewards, np.float64).reshape(-1, group)
+  return ((r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + ADV_EPS)).reshape(-1)
+
+
+def k3_kl(logp, ref_logp):
+  """Per-token KL(pi || pi_ref) estimate from samples of pi: e^d - d - 1, d = ref - logp."""
+  d = ref_logp - logp
+  return jnp.exp(d) - d - 1.0
+
+
+def rewards_of(images, scenes):
+  """Share of the one-object scene's colour, shape and position read off each image."""
+  out = []
+  for img, scene in zip(images, scenes):
+    objs = parse_image(img)
+    out.append(np.mean([bool(objs) and objs[0][a] == scene[0][a] for a in ATTRIBUTES]))
+  return np.asarray(out)
+
+
+def policy_batch(tok, patcher, prompts, codes):
+  """Teacher-forced rows of (prompt, image of `codes`): the batch arrays and the positions
+  whose next-token targets are the codes ([R, N])."""
+  blank = np.zeros((patcher.image_size, patcher.image_size, 3), np.uint8)
+  enc = []
+  for p, c in zip(prompts, codes):
+    e = encode_document(D.document("t2i", [D.text(p, loss=False), D.image(blank, "target")]),
+                        tok, patcher, add_eos=False)
+    at = np.nonzero(e["encode"])[0]
+    e["tokens"][at], e["encode"][:], e["pixels"][:] = c, 0, 0
+    e["targets"][:-1] = e["tokens"][1:]
+    enc.append((e, at - 1))
+  length = -(-max(len(e["tokens"]) for e, _ in enc) // 16) * 16
+  keys = ("tokens", "targets", "patches", "modality", "image_ids", "patch_index")
+  b = {k: np.zeros((len(enc), length) + enc[0][0][k].shape[1:], enc[0][0][k].dtype) for k in keys}
+  b["segment_ids"] = np.zeros((len(enc), length), np.int32)
+  b["positions"] = np.zeros((len(enc), length), np.int32)
+  for i, (e, _) in enumerate(enc):
+    n = len(e["tokens"])
+    for k in keys:
+      b[k][i, :n] = e[k]
+    b["segment_ids"][i, :n], b["positions"][i, :n] = 1, np.arange(n)
+  return b, np.stack([at for _, at in enc])
+
+
+def code_logprobs(model, b, at, code_offset, num_codes, temperature):
+  """log pi of each sampled code under `model`: softmax over the codes only at `temperature`,
+  as the sampler draws them: [R, N] float32."""
+  t = jnp.zeros(b["tokens"].shape, jnp.float32)
+  logits, _, _ = model(b["tokens"], b["patches"], t, b["modality"], b["image_ids"],
+                       b["patch_index"], b["segment_ids"], b["positions"])
+  rows = jnp.arange(at.shape[0])[:, None]
+  lg = logits[rows, at][..., code_offset:code_offset + num_codes] / temperature
+  codes = jnp.take_along_axis(b["targets"], at, axis=1) - code_offset
+  return jnp.take_along_axis(jax.nn.log_softmax(lg, -1), codes[..., None], -1)[..., 0]
+
+
+def grpo_loss(params, ref_params, graphdef, b, at, adv, *, code_offset, num_codes, temperature,
+              kl_weight):
+  """(loss, (mean KL, mean log pi)) of one rollout batch."""
+  lp = code_logprobs(nnx.merge(graphdef, params), b, at, code_offset, num_codes, temperature)
+  ref = jax.lax.stop_gradient(
+      code_logprobs(nnx.merge(graphdef, ref_params), b, at, code_offset, num_codes, temperature))
+  kl = k3_kl(lp, ref)
+  loss = jnp.mean(-adv[:, None] * lp + kl_weight * kl)
+  return loss, (jnp.mean(kl), jnp.mean(lp))
+
+
+def main(argv):
+  from unimm.config import parse_args  # pylint: disable=import-outside-toplevel
+  from unimm.sample import _workdir_config  # pylint: disable=import-outside-toplevel
+
+  def init_config(opts):
+    if not opts.get("init"):
+      raise UserError("--init WORKDIR (the supervised checkpoint to start from) is required")
+    return _workdir_config({"workdir": opts["init"]})
+
+  cfg, opts = parse_args(argv, flags=("workdir", "init"), switches=("no_eval",),
+                         default_config=init_config)
+  if not opts["workdir"] or not opts["init"]:
+    raise UserError("--init WORKDIR (the supervised checkpoint) and --workdir DIR are required")
+  g = cfg.grpo
+  if cfg.model.image_loss != "next_token":
+    raise UserError(f"GRPO samples next-token image codes: model.image_loss='next_token' "
+                    f"(early fusion), not '{cfg.model.image_loss}'")
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from unimm.eval.run import evaluate  # pylint: disable=import-outside-toplevel
+  from unimm.sample import load_sampler, sampler_from_run  # pylint: disable=import-outside-toplevel
+  from unimm.train.loop import Run  # pylint: disable=import-outside-toplevel
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)
+  cfg.optim.update(lr=g.lr, warmup_steps=0)
+  cfg.train.steps = g.steps
+  run = Run(cfg, opts["workdir"], devices=jax.devices()[:1])
+  workdir = epath.Path(run.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(cfg.to_json(indent=1))
+  ref_params = load_sampler(opts["init"]).params
+  if run.ckpt.latest_step() is None:
+    state = run.trainer.init()
+    state = dict(state, params=ref_params, opt_state=run.trainer.tx.init(ref_params))
+  else:
+    state = run.restore_or_init()
+  graphdef, tx = run.trainer.graphdef, run.trainer.tx
+  p = run.patcher
+  kw = dict(code_offset=p.code_offset, num_codes=p.num_codes, temperature=g.temperature,
+            kl_weight=g.kl_weight)
+
+  @jax.jit
+  def update(state, b, at, adv):
+    (loss, (kl, lp)), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
+        state["params"], ref_params, graphdef, b, at, adv, **kw)
+    upd, opt = tx.update(grads, state["opt_state"], state["params"])
+    params = jax.tree.map(lambda a, u: a + u, state["params"], upd)
+    return dict(state, params=params, opt_state=opt, step=state["step"] + 1), loss, kl, lp
+
+  rollout_cfg = cfg.copy_and_resolve_references()
+  rollout_cfg.sample.update(cfg_scale=1.0, image_temperature=g.temperature, image_top_k=0)
+  sampler = sampler_from_run(run, state)
+  sampler.cfg = rollout_cfg
+  rng = np.random.default_rng([int(cfg.seed), int(state["step"])])
+  start, log = time.time(), (workdir / "grpo.jsonl").open("a")
+  while int(state["step"]) < g.steps and (not g.time_limit_s or time.time() - start < g.time_limit_s):
+    scenes = [shapes.random_scene(rng, 1) for _ in range(g.prompts)]
+    scenes = [s for s in scenes for _ in range(g.group)]
+    prompts = [shapes.caption(s) for s in scenes]
+    sampler.params = state["params"]
+    cond = [D.document("t2i", [D.text(x), D.image(sampler._blank(), "target")]) for x in prompts]
+    codes = sampler.next_token_codes(cond, [], seed=int(state["step"]))
+    rewards = rewards_of(p.decode(codes), scenes)
+    adv = group_advantages(rewards, g.group)
+    b, at = policy_batch(run.tokenizer, p, prompts, codes)
+    state, loss, kl, lp = update(state, jax.tree.map(jnp.asarray, b), jnp.asarray(at),
+                                 jnp.asarray(adv, jnp.float32))
+    step = int(state["step"])
+    row = dict(step=step, reward=float(rewards.mean()), all_right=float((rewards == 1).mean()),
+               kl=float(kl), logp=float(lp), loss=float(loss), seconds=round(time.time() - start, 1))
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    if step % 10 == 0:
+      print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+            flush=True)
+  run.ckpt.save(int(state["step"]), state, run.data, force=True)
+  run.ckpt.wait()
+  print(f"GRPO stopped at step {int(state['step'])} after {time.time() - start:.0f} s", flush=True)
+  if not opts["no_eval"]:
+    evaluate(sampler_from_run(run, state), cfg, run.workdir)
+
+
+if __name__ == "__main__":
+  cli(main)
