@@ -439,55 +439,66 @@ class Sampler(Prompts):
     return logits[rows, idx][..., :self.tok.vocab_size]
 
   def _text_by_diffusion(self, docs):
-    """Text diffusion (model.text_loss "masked" or "flow"): the answer block is refined over
-    sample.text_steps steps (0: one a token); the text ends at the first <eos>.
-      masked (MMaDA / LLaDA): the block starts as mask ids; each step predicts every masked
-        position (greedy, or drawn at sample.temperature) and unmasks the most confident, the
-        rest staying masked (low-confidence remasking), an equal share a step; with
-        sample.text_block, sub-blocks of that many tokens left to right (semi-autoregressive,
-        as LLaDA / MMaDA sample: otherwise the confident <eos> padding is unmasked first).
-      flow (FUDOKI): the block starts uniform over the text vocabulary (the path at t = 1); each
-        step from t to t - 1/K predicts the clean tokens x1 and draws the block anew from the
-        metric path p_{t - 1/K}(. | x1) (`losses.metric_path_logits`), x1 itself at the end."""
-    s, m = self.cfg.sample, self.cfg.model
-    n, n_ans = len(docs), int(getattr(self.cfg.data, "answer_len", 0)) or int(s.max_new_tokens)
+    """Text diffusion (model.text_loss "masked" or "flow"): an answer block of data.answer_len
+    tokens after each prompt, refined over sample.text_steps steps (0: one a token); the text
+    ends at the first <eos>."""
+    s = self.cfg.sample
+    n_ans = int(getattr(self.cfg.data, "answer_len", 0)) or int(s.max_new_tokens)
     steps = min(int(getattr(s, "text_steps", 0)) or n_ans, n_ans)
-    rng = jax.random.key(0)
-    flow_path = m.text_loss == "flow"
-    vocab = self.patcher.code_offset  # the text rows of the token table
-    if flow_path:
-      rng, sub = jax.random.split(rng)
-      ids = jax.random.randint(sub, (n, n_ans), 0, vocab, jnp.int32)
-      emb = self._model(self.params).embed.value[:vocab]
-      beta = (losses.path_beta_scale(m.text_flow, vocab), float(m.text_flow.beta_power))
-    else:
-      ids = jnp.full((n, n_ans), self.patcher.mask_id, jnp.int32)
+    fill = self._flow_text if self.cfg.model.text_loss == "flow" else self._unmask_text
+    ids = fill(docs, n_ans, steps, jax.random.key(0))
+    return [self.tok.decode([int(x) for x in row]) for row in np.asarray(ids)]
+
+  def _draw_answer(self, b, idx, ids, rng):
+    """(text logits at the block, tokens drawn from them: greedy or at sample.temperature)."""
+    lg = self._answer_logits(b, idx, ids)
+    n, n_ans = ids.shape
+    return lg, self._pick(lg.reshape(n * n_ans, -1), rng).reshape(n, n_ans).astype(jnp.int32)
+
+  def _unmask_text(self, docs, n_ans, steps, rng):
+    """MMaDA / LLaDA: the block starts as mask ids; each step predicts every masked position
+    and unmasks the most confident, the rest staying masked (low-confidence remasking), an
+    equal share a step; with sample.text_block, sub-blocks of that many tokens left to right
+    (semi-autoregressive, as LLaDA / MMaDA sample: otherwise the confident <eos> padding is
+    unmasked first)."""
+    mask_id = self.patcher.mask_id
+    ids = jnp.full((len(docs), n_ans), mask_id, jnp.int32)
     b, idx = self._answer_block(docs, ids)
-    block = min(int(getattr(s, "text_block", 0)) or n_ans, n_ans)
+    block = min(int(getattr(self.cfg.sample, "text_block", 0)) or n_ans, n_ans)
     blocks = -(-n_ans // block)
-    per_block = max(1, steps // blocks) if not flow_path else steps
-    for k in range(blocks * per_block if not flow_path else steps):
-      lg = self._answer_logits(b, idx, ids)
-      rng, sub, sub2 = jax.random.split(rng, 3)
-      drawn = self._pick(lg.reshape(n * n_ans, -1), sub).reshape(n, n_ans).astype(jnp.int32)
-      if flow_path:
-        t_next = 1.0 - (k + 1) / steps
-        if t_next <= 0:
-          ids = drawn
-        else:
-          path = losses.metric_path_logits(emb, drawn, jnp.full(drawn.shape, t_next), *beta)
-          ids = jax.random.categorical(sub2, path).astype(jnp.int32)
-        continue
+    per_block = max(1, steps // blocks)
+    for k in range(blocks * per_block):
+      rng, sub = jax.random.split(rng)
+      lg, drawn = self._draw_answer(b, idx, ids, sub)
       conf = jnp.take_along_axis(jax.nn.log_softmax(lg, -1), drawn[..., None], -1)[..., 0]
-      j, r = divmod(k, per_block)  # block j (semi-autoregressive: left to right), its step r
+      j, r = divmod(k, per_block)  # block j, its step r
       size = min(block, n_ans - j * block)
       here = (np.arange(n_ans) >= j * block) & (np.arange(n_ans) < j * block + size)
-      masked = (ids == self.patcher.mask_id) & jnp.asarray(here)
+      masked = (ids == mask_id) & jnp.asarray(here)
       still = size * (per_block - r - 1) // per_block  # masked in the block after this step
       conf = jnp.where(masked, conf, -jnp.inf)
       rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)  # 0: the most confident
       ids = jnp.where(masked & (rank < masked.sum(-1, keepdims=True) - still), drawn, ids)
-    return [self.tok.decode([int(x) for x in row]) for row in np.asarray(ids)]
+    return ids
+
+  def _flow_text(self, docs, n_ans, steps, rng):
+    """FUDOKI: the block starts uniform over the text rows of the token table (the path at
+    t = 1); each step from t to t - 1/K predicts the clean tokens x1 and draws the block anew
+    from the metric path p_{t - 1/K}(. | x1) (`losses.metric_path_logits`), x1 at the end."""
+    m, vocab = self.cfg.model, self.patcher.code_offset
+    rng, sub = jax.random.split(rng)
+    ids = jax.random.randint(sub, (len(docs), n_ans), 0, vocab, jnp.int32)
+    b, idx = self._answer_block(docs, ids)
+    emb = self._model(self.params).embed.value[:vocab]
+    beta = (losses.path_beta_scale(m.text_flow, vocab), float(m.text_flow.beta_power))
+    for k in range(steps):
+      rng, sub, sub2 = jax.random.split(rng, 3)
+      _, ids = self._draw_answer(b, idx, ids, sub)
+      t_next = 1.0 - (k + 1) / steps
+      if t_next > 0:
+        path = losses.metric_path_logits(emb, ids, jnp.full(ids.shape, t_next), *beta)
+        ids = jax.random.categorical(sub2, path).astype(jnp.int32)
+    return ids
 
   def _pick(self, logits, rng):
     s = self.cfg.sample

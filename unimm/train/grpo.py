@@ -34,6 +34,7 @@ from unimm.data import shapes
 from unimm.data.pipeline import encode_document
 from unimm.errors import UserError, cli
 from unimm.eval.shapes_eval import ATTRIBUTES, parse_image
+from unimm.sampling.sampler import _round_up, _stack
 
 ADV_EPS = 1e-4
 
@@ -63,25 +64,16 @@ def policy_batch(tok, patcher, prompts, codes):
   """Teacher-forced rows of (prompt, image of `codes`): the batch arrays and the positions
   whose next-token targets are the codes ([R, N])."""
   blank = np.zeros((patcher.image_size, patcher.image_size, 3), np.uint8)
-  enc = []
+  enc, at = [], []
   for p, c in zip(prompts, codes):
     e = encode_document(D.document("t2i", [D.text(p, loss=False), D.image(blank, "target")]),
                         tok, patcher, add_eos=False)
-    at = np.nonzero(e["encode"])[0]
-    e["tokens"][at], e["encode"][:], e["pixels"][:] = c, 0, 0
+    pos = np.nonzero(e["encode"])[0]
+    e["tokens"][pos], e["encode"][:], e["pixels"][:] = c, 0, 0
     e["targets"][:-1] = e["tokens"][1:]
-    enc.append((e, at - 1))
-  length = -(-max(len(e["tokens"]) for e, _ in enc) // 16) * 16
-  keys = ("tokens", "targets", "patches", "modality", "image_ids", "patch_index")
-  b = {k: np.zeros((len(enc), length) + enc[0][0][k].shape[1:], enc[0][0][k].dtype) for k in keys}
-  b["segment_ids"] = np.zeros((len(enc), length), np.int32)
-  b["positions"] = np.zeros((len(enc), length), np.int32)
-  for i, (e, _) in enumerate(enc):
-    n = len(e["tokens"])
-    for k in keys:
-      b[k][i, :n] = e[k]
-    b["segment_ids"][i, :n], b["positions"][i, :n] = 1, np.arange(n)
-  return b, np.stack([at for _, at in enc])
+    enc.append(e)
+    at.append(pos - 1)
+  return _stack(enc, _round_up(max(len(e["tokens"]) for e in enc)), left_pad=False), np.stack(at)
 
 
 def code_logprobs(model, b, at, code_offset, num_codes, temperature):
