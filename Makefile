@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup demo demo-mixture tokenizers maskgit show-o mmada fudoki harmon x-omni smartedit early-fusion janus transfusion-vae moe mot mmdit metaquery faults soak test bench-gpu clean
+.PHONY: setup demo demo-mixture tokenizers maskgit show-o mmada fudoki harmon x-omni seed-llama smartedit early-fusion janus transfusion-vae moe mot mmdit metaquery faults soak test bench-gpu clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ fudoki: runs/vq_shapes/eval.json
 x-omni: runs/vq_shapes/eval.json
 	$(PY) -m unimm.train --config configs/x_omni_shapes.py --workdir runs/x_omni
 	$(PY) -m unimm.train.grpo --init runs/x_omni --workdir runs/x_omni_grpo
+
+runs/seed_tokenizer/eval.json: | setup
+	$(PY) -m unimm.train --config configs/seed_tokenizer_shapes.py --workdir runs/seed_tokenizer
+
+seed-llama: runs/seed_tokenizer/eval.json
+	$(PY) -m unimm.train --config configs/seed_llama_shapes.py --workdir runs/seed_llama
 
 harmon: setup
 	$(PY) -m unimm.train --config configs/harmon_shapes.py --workdir runs/harmon

@@ -158,6 +158,22 @@ def test_shift_moves_time_toward_noise_for_larger_images():
   assert float(flow.shift_time(t, 2.0)) > 0.5
 
 
+def test_unshifted_share_of_time_draws():
+  """flow.unshifted_prob: that share of the draws keeps the unshifted logit-normal t, the
+  rest the shifted one, each draw exactly one of the two (same normal underneath)."""
+  cfg = tiny_config()
+  cfg.flow.shift = 8.0
+  rng = jax.random.PRNGKey(0)
+  shifted = flow.sample_time(rng, (4000,), cfg.flow, 32)
+  cfg.flow.shift = 1.0
+  plain = flow.sample_time(rng, (4000,), cfg.flow, 32)
+  cfg.flow.update(shift=8.0, unshifted_prob=0.25)
+  mixed = flow.sample_time(rng, (4000,), cfg.flow, 32)
+  is_plain = np.isclose(mixed, plain, atol=1e-6)
+  assert np.all(is_plain | np.isclose(mixed, shifted, atol=1e-6))
+  assert abs(is_plain.mean() - 0.25) < 0.03
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_step_keeps_float32_master_weights(dtype):
   from unimm.data.pipeline import make_iterator

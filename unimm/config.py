@@ -104,14 +104,21 @@ def defaults() -> ml_collections.ConfigDict:
       ),
       condition=dict(      # model.family="mmdit": what the text stream holds
           encoder="text",   # "text" (a small trainable text encoder), "llm" (final hidden states of the frozen
-                            # unified model in `llm`: Qwen-Image) or "metaquery" (learnable queries through it
-                            # and a trainable connector: MetaQuery)
+                            # unified model in `llm`: Qwen-Image), "metaquery" (learnable queries through it
+                            # and a trainable connector: MetaQuery) or "seed" (the target image through a
+                            # query tokenizer: SEED-LLaMA's tokenizer and decoder, trained as an autoencoder)
           llm="",           # llm / metaquery: the workdir of a trained unified model (frozen)
-          depth=2,          # blocks of the text encoder / the connector
+          depth=2,          # blocks of the text encoder / the connector / seed's causal Q-Former
+          queries=16,       # seed: codes an image (a square number: the LLM's grid of them)
+          vit_depth=2,      # seed: blocks of its ViT over the image's patches
+          levels=(8, 5, 5, 5),  # seed: the FSQ codebook (prod(levels) codes)
+          recon_weight=0.0,  # seed: weight of the linear pixel decoder's reconstruction loss on the codes
       ),
       patch_size=8,        # image patch side in pixels (image tokenizer "pixels")
-      image_tokenizer="pixels",  # image tokens: "pixels" (patches), "vae" (latent patches) or "vq" (codes)
-      tokenizer_path="",   # vae / vq: workdir of a tokenizer trained by python -m unimm.train.autoencoder
+      image_tokenizer="pixels",  # image tokens: "pixels" (patches), "vae" (latent patches), "vq" (codes) or
+                           # "seed" (codes of a query tokenizer: an MMDiT workdir, model.condition.encoder="seed")
+      tokenizer_path="",   # vae / vq: workdir of a tokenizer trained by python -m unimm.train.autoencoder; seed:
+                           # of one trained by python -m unimm.train
       latent_patch=2,      # vae: latents per token side (a token covers f * latent_patch pixels)
       image_loss="flow",   # target images: "flow" (pixels, vae), "next_token" (vq: Chameleon / Emu3
                            # early fusion), "masked" (vq: MaskGIT masked-token prediction) or "mar"
@@ -192,6 +199,7 @@ def defaults() -> ml_collections.ConfigDict:
       base_image_size=32,
       base_shift=0.5,      # flux: mu at 256 image tokens
       max_shift=1.15,      # flux: mu at 4096 image tokens
+      unshifted_prob=0.0,  # this share of the t draws is left unshifted (a mixture of both densities)
       t_min=0.05,          # clamp of t when converting an x0 prediction to velocity
   )
   c.optim = dict(

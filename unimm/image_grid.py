@@ -13,6 +13,9 @@ and, for a trained tokenizer, the config.json of its workdir; no model is loaded
   vq      `CodeGrid`: a token is one code (id code_offset + code) covering f x f pixels; the
           same `pixels`, encoded into `tokens` and `targets` by the train step. Codes from a
           latent cache enter as ids directly.
+  seed    a `CodeGrid` too: Q codes of a query tokenizer (SEED-LLaMA; an MMDiT workdir with
+          model.condition.encoder="seed"), code k delivered as the k-th of sqrt(Q) x sqrt(Q)
+          pixel patches, so the step reassembles the image and encodes it whole.
 
 One layout serves pixels, latents and codes alike: `patchify` cuts [..., H, W, C] into
 row-major p x p patches flattened as (p, p, C).
@@ -34,7 +37,7 @@ import numpy as np
 from unimm.config import tokenizer_defaults
 from unimm.errors import UserError, read_json
 
-IMAGE_TOKENIZERS = ("pixels", "vae", "vq")
+IMAGE_TOKENIZERS = ("pixels", "vae", "vq", "seed")
 
 
 def patchify(x, p, xp=np):
@@ -226,6 +229,32 @@ def tokenizer_config(workdir):
   return t, int(saved.get("data", {}).get("image_size", 0))
 
 
+def seed_grid(workdir, image_size):
+  """(the pixels a side each code is delivered as, the number of codes) of the query tokenizer
+  in `workdir` (a `python -m unimm.train` workdir of an MMDiT with model.condition.encoder
+  "seed"), for images of image_size pixels a side."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"'{workdir}' is not a training workdir (no config.json): train a query "
+                    "tokenizer with python -m unimm.train --config configs/seed_tokenizer_shapes.py")
+  saved = read_json(path, "the file is damaged; restore it from the tokenizer's training run")
+  model = saved.get("model", {})
+  cond = model.get("condition", {})
+  if model.get("family") != "mmdit" or cond.get("encoder") != "seed":
+    raise UserError(f"'{workdir}' holds no query tokenizer (model.image_tokenizer='seed' needs an "
+                    "MMDiT trained with model.condition.encoder='seed')")
+  q, size = int(cond["queries"]), int(saved["data"]["image_size"])
+  side = math.isqrt(q)
+  if side * side != q or image_size % side:
+    raise UserError(f"the query tokenizer in '{workdir}' gives {q} codes an image: the LLM lays them "
+                    f"out as a square grid dividing data.image_size={image_size}; train one with "
+                    "a square model.condition.queries")
+  if size != image_size:
+    raise UserError(f"the query tokenizer in '{workdir}' was trained on {size}x{size} images: set "
+                    f"data.image_size={size}")
+  return image_size // side, int(np.prod(cond["levels"]))
+
+
 def downsampling(t) -> int:
   """The tokenizer's downsampling factor f (of its `tokenizer` config section)."""
   return 2 ** (len(t.block_out_channels) - 1)
@@ -249,7 +278,7 @@ def image_grid(cfg, text_vocab):
   if kind not in IMAGE_TOKENIZERS:
     raise UserError(f"model.image_tokenizer='{kind}': use one of {', '.join(IMAGE_TOKENIZERS)}")
   loss = getattr(m, "image_loss", "flow")
-  if (kind == "vq") != (loss in ("next_token", "masked")):
+  if (kind in ("vq", "seed")) != (loss in ("next_token", "masked")):
     raise UserError(f"model.image_loss='{loss}' does not go with model.image_tokenizer='{kind}': "
                     "'flow' trains pixels or vae latents; 'next_token' and 'masked' train vq codes")
   text_loss = getattr(m, "text_loss", "next_token")
@@ -268,6 +297,9 @@ def image_grid(cfg, text_vocab):
   if not m.tokenizer_path:
     raise UserError(f"model.image_tokenizer='{kind}' needs model.tokenizer_path: the workdir of "
                     f"a tokenizer trained with python -m unimm.train.autoencoder")
+  if kind == "seed":
+    factor, codes = seed_grid(m.tokenizer_path, int(d.image_size))
+    return CodeGrid(int(d.image_size), factor, codes, text_vocab, causal=loss == "next_token")
   t, _ = tokenizer_config(m.tokenizer_path)
   if t.kind != kind:
     raise UserError(f"model.tokenizer_path '{m.tokenizer_path}' holds a '{t.kind}' tokenizer but "

@@ -17,6 +17,16 @@ def evaluate(sampler, cfg, workdir=None, log=print):
                      n_double=e.n_double, n_caption=e.n_caption, n_qa=e.n_qa, n_edit=e.n_edit)
   seed = int(e.seed)
   understands = can_caption(sampler)
+  if getattr(sampler, "reconstructs", False):  # a query tokenizer: its round trip of each scene
+    scores = bench.run(generate=lambda prompts: sampler.reconstruct(bench.render_captions(prompts), seed),
+                       batch_size=64)
+    if workdir and jax.process_index() == 0:  # row 1: true images, row 2: their round trips
+      real = bench.render(bench.single[:8])
+      with (epath.Path(workdir) / "samples.png").open("wb") as f:
+        save_grid(f, np.concatenate([real, sampler.reconstruct(real, seed)]), ncols=len(real),
+                  labels=[""] * len(real) + ["reconstruction"] * len(real))
+    _write(scores, workdir, log)
+    return scores
   scores = bench.run(
       generate=lambda prompts: sampler.text_to_image(prompts, seed=seed),
       caption=(lambda images: sampler.image_to_text(images)) if understands else None,
@@ -24,14 +34,18 @@ def evaluate(sampler, cfg, workdir=None, log=print):
               if understands else None),
       edit=lambda images, instructions: sampler.edit(images, instructions, seed=seed),
       batch_size=64)
-  lead = jax.process_index() == 0
-  if workdir and lead:
-    (epath.Path(workdir) / "eval.json").write_text(json.dumps(scores, indent=1, sort_keys=True))
   if workdir:  # (the grid samples in every process)
-    _sample_grid(sampler, bench, epath.Path(workdir) / "samples.png", seed, write=lead)
-  if lead:
-    log(format_scores(scores))
+    _sample_grid(sampler, bench, epath.Path(workdir) / "samples.png", seed,
+                 write=jax.process_index() == 0)
+  _write(scores, workdir, log)
   return scores
+
+
+def _write(scores, workdir, log):
+  if jax.process_index() == 0:
+    if workdir:
+      (epath.Path(workdir) / "eval.json").write_text(json.dumps(scores, indent=1, sort_keys=True))
+    log(format_scores(scores))
 
 
 def _sample_grid(sampler, bench, path, seed, write=True):

@@ -290,6 +290,11 @@ class ShapesEval:
     """uint8 [n, H, W, 3]: the scenes rendered at this eval's image size."""
     return np.stack([shapes.render(s, self.image_size) for s in scenes])
 
+  def render_captions(self, prompts: list):
+    """The true images of text-to-image prompts of this eval (a reconstruction's input)."""
+    scenes = {shapes.caption(s): s for s in self.single + self.double}
+    return self.render([scenes[p] for p in prompts])
+
   @property
   def single_prompts(self) -> list:
     return [shapes.caption(s) for s in self.single]

@@ -16,6 +16,10 @@ From each row the model takes two streams, by position:
      "metaquery"  N learnable queries in place of the target image's tokens in the frozen
                   LLM's input; their last hidden states through a trainable connector (MetaQuery);
                   in the MMDiT each keeps the RoPE position of the image token it replaced
+     "seed"       the target image itself through a query tokenizer (`QueryTokenizer`: ViT,
+                  causal Q-Former, FSQ codes): the MMDiT is then SEED-LLaMA's decoder, trained
+                  with the tokenizer as an autoencoder, and renders codes an LLM generates
+                  (`from_codes`; `unimm.models.image_tokenizer.QueryCodes`)
 
 The frozen LLM (model.condition.llm: a unimm training workdir of the unified model) is part of
 the parameters, loaded from its checkpoint at the start of training; its parameters get no
@@ -39,7 +43,7 @@ from unimm.kernels.mask import MAX_IMAGE, run_bounds
 from unimm.models.layers import Block, MaskIds, RMSNorm, aligned_source, param, run_blocks
 from unimm.parallel.sharding import constrain
 
-ENCODERS = ("text", "llm", "metaquery")
+ENCODERS = ("text", "llm", "metaquery", "seed")
 EDITS = ("kontext", "concat", "none")
 
 
@@ -100,6 +104,75 @@ class TextEncoder(nnx.Module):
     return self.encoder(x, mask)
 
 
+class QueryTokenizer(nnx.Module):
+  """SEED-LLaMA's image tokenizer, small: a ViT (bidirectional blocks over the image's patches
+  and their position table), a causal Q-Former (model.condition.queries learnable queries after
+  the ViT's features; each query reads every patch and the queries before it, so the codes come
+  in a left-to-right order an LLM can generate, as SEED's) and a codebook (FSQ of
+  model.condition.levels). `__call__` gives the quantized queries (straight-through: the
+  decoder's loss trains the tokenizer), `codes` their ids, `embed` ids -> the same features."""
+
+  def __init__(self, model_cfg, patch_dim, num_patches, *, rngs):
+    from unimm.models.quantizers import FSQ  # pylint: disable=import-outside-toplevel
+    c, w = model_cfg.condition, model_cfg.width
+    self.patch_in = param(rngs, (patch_dim, w), (None, "embed"), 1.0 / math.sqrt(patch_dim))
+    self.pos = param(rngs, (num_patches, w), ("positions", "embed"), 0.02)
+    self.queries = param(rngs, (int(c.queries), w), ("positions", "embed"), 1.0)  # distinct from the start
+    self.vit = Encoder(model_cfg, w, int(c.vit_depth), rngs=rngs)
+    cfg = _block_cfg(model_cfg, w, int(c.depth))
+    self.qformer = nnx.List([Block(cfg, rngs=rngs, modality_experts=False) for _ in range(int(c.depth))])
+    self.norm = RMSNorm(w, rngs=rngs, eps=model_cfg.norm_eps)
+    self.fsq = FSQ(tuple(c.levels))
+    self.to_code = param(rngs, (w, self.fsq.dim), ("embed", None), 1.0 / math.sqrt(w))
+    self.from_code = param(rngs, (self.fsq.dim, w), (None, "embed"), 1.0)
+    # a small pixel decoder (an MLP over all the image's codes) for the auxiliary reconstruction
+    # loss (model.condition.recon_weight) that makes the codes carry the image from the first
+    # steps: without it the MMDiT learned to ignore codes that were alike for every image
+    codes_in, hidden = int(c.queries) * self.fsq.dim, 4 * w
+    self.recon_in = param(rngs, (codes_in, hidden), (None, "mlp"), 1.0 / math.sqrt(codes_in))
+    self.recon_out = param(rngs, (hidden, num_patches * patch_dim), ("mlp", None), 1.0 / math.sqrt(hidden))
+    self.scan, self.remat = bool(model_cfg.scan), model_cfg.remat
+
+  def queries_out(self, patches):
+    """patches [B, N, D] (pixel patches in [-1, 1]) -> the Q-Former's outputs before the
+    codebook [B, Q, len(levels)] float32, each of root mean square 1."""
+    b, n = patches.shape[:2]
+    q = self.queries.value.shape[0]
+    x = patches.astype(self.patch_in.value.dtype) @ self.patch_in.value + self.pos.value[None]
+    x = self.vit(constrain(x, ("batch", "length", "act_embed")), jnp.ones((b, n), bool))
+    x = jnp.concatenate([x, jnp.broadcast_to(self.queries.value[None].astype(x.dtype), (b, q, x.shape[-1]))], 1)
+    # the causal Q-Former's mask: patches one bidirectional image at position 0 (they never see
+    # the queries), query k at position k + 1 (it sees every patch and queries 1..k)
+    pos = jnp.broadcast_to(jnp.concatenate([jnp.zeros(n, jnp.int32), jnp.arange(1, q + 1, dtype=jnp.int32)]), (b, n + q))
+    image = (pos == 0).astype(jnp.int32)
+    ids = MaskIds(jnp.ones_like(pos), image * CLEAN_IMAGE + (1 - image) * TEXT, image, pos)
+    x, _, _ = run_blocks(self.qformer, x, ids, pos, scan=self.scan, remat=self.remat)
+    z = self.norm(x[:, n:]).astype(jnp.float32) @ self.to_code.value.astype(jnp.float32)
+    # each query's vector on the sphere of radius sqrt(len(levels)): FSQ's tanh never saturates
+    # (unbounded, Adam pushed every code into one corner of the codebook, for every image)
+    return z * jax.lax.rsqrt(jnp.mean(jnp.square(z), -1, keepdims=True) + 1e-6)
+
+  def embed(self, codes):
+    """Code ids [B, Q] -> the decoder's conditioning features [B, Q, width]."""
+    return self.fsq.indices_to_codes(codes) @ self.from_code.value
+
+  def codes(self, patches):
+    return self.fsq.codes_to_indices(self.fsq.quantize(self.queries_out(patches)))
+
+  def __call__(self, patches):
+    z = self.fsq.quantize(self.queries_out(patches))
+    return z.astype(self.from_code.value.dtype) @ self.from_code.value
+
+  def recon_loss(self, patches, ok):
+    """Mean squared error of the pixel decoder's reconstruction from the quantized codes, over
+    the rows with an image (ok [B])."""
+    z = self.fsq.quantize(self.queries_out(patches))
+    rec = jax.nn.gelu(z.reshape(z.shape[0], -1) @ self.recon_in.value) @ self.recon_out.value
+    rec = rec.reshape(patches.shape)
+    err = jnp.mean(jnp.square(rec - patches.astype(jnp.float32)), axis=(1, 2))
+    return jnp.sum(jnp.where(ok, err, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+
+
 def llm_config(path, run_cfg=None):
   """The full config of the frozen LLM at `path`: a unimm training workdir of the unified model
   (its config.json), or a local Hugging Face decoder directory (Llama, Qwen2/2.5, Qwen3: its
@@ -154,6 +227,8 @@ class DiffusionModel(nnx.Module):
     context = w
     if self.encoder_kind == "text":
       self.text_encoder = TextEncoder(m, vocab_size, rngs=rngs)
+    elif self.encoder_kind == "seed":
+      self.seed = QueryTokenizer(m, patcher.patch_dim, self.tokens, rngs=rngs)
     else:
       llm_cfg = llm_config(m.condition.llm, cfg)
       if llm_cfg.data.tokenizer != cfg.data.tokenizer:
@@ -240,6 +315,9 @@ class DiffusionModel(nnx.Module):
     if self.encoder_kind == "text":
       idx, ok = first_positions(text, tokens.shape[1] - self.tokens)
       return self.text_encoder(gather(tokens, idx), ok), ok
+    if self.encoder_kind == "seed":  # the target itself (clean), as an autoencoder
+      features = self.seed(gather(batch["patches"], target_idx))
+      return features, jnp.broadcast_to(target_ok[:, :1], features.shape[:2])
     target = modality == NOISED_IMAGE
     patches = jnp.where(target[..., None], 0.0, batch["patches"])  # the LLM never sees a target
     replace = embeds = None
@@ -275,12 +353,25 @@ class DiffusionModel(nnx.Module):
       img = jnp.concatenate([img, gather(batch["patches"], ref).astype(dtype)], axis=1)
       img_mask = jnp.concatenate([img_mask, ref_ok], axis=1)
       frames += list(range(1, self.references + 1))
+    out = self._denoise(img, img_mask, frames, txt, txt_mask, t, guidance)
+    return out + source.astype(jnp.float32) if self.edit_residual else out
+
+  def from_codes(self, codes, x_t, t):
+    """SEED-LLaMA's decoder: the prediction for x_t [B, N, D] at t [B] conditioned on the query
+    tokenizer's code ids [B, Q] (what `condition` gives for an image whose codes they are)."""
+    txt = self.seed.embed(codes)
+    return self._denoise(x_t.astype(txt.dtype), jnp.ones(x_t.shape[:2], bool), [0], txt,
+                         jnp.ones(codes.shape, bool), t, None)
+
+  def _denoise(self, img, img_mask, frames, txt, txt_mask, t, guidance):
+    """The MMDiT over the two streams; its prediction for the N target tokens, float32."""
     g = self.grid
     img_ids = np.concatenate([self.mmdit.image_ids(g, g, frame=f) for f in frames])
     txt_ids = self.mmdit.text_ids(txt.shape[1], g, g)
     if self.encoder_kind == "metaquery":  # query i carries the place of the image token it replaced
       txt_ids = self.mmdit.image_ids(g, g)
-    b = x_t.shape[0]
+    dtype = txt.dtype
+    b = img.shape[0]
     pooled = None
     if self.pooled:
       m = txt_mask[..., None].astype(jnp.float32)
@@ -290,8 +381,7 @@ class DiffusionModel(nnx.Module):
     out = self.mmdit(img, txt, t, jnp.broadcast_to(jnp.asarray(img_ids), (b,) + img_ids.shape),
                      jnp.broadcast_to(jnp.asarray(txt_ids), (b,) + txt_ids.shape), img_mask, txt_mask,
                      pooled=pooled, guidance=guidance if self.guidance else None)
-    out = out[:, :self.tokens].astype(jnp.float32)
-    return out + source.astype(jnp.float32) if self.edit_residual else out
+    return out[:, :self.tokens].astype(jnp.float32)
 
 
 def frozen_params(params):

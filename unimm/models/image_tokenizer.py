@@ -11,7 +11,8 @@ sampler), with the tokenizer's variables as an input:
     pixels [B, L, P] uint8 -> images [B * L // N, H, W, 3] -> tokenizer.tokens
         -> vae: `patches` (normalised latent patches); vq: `tokens`, `targets` (code ids)
 
-`decode` (token vectors or ids -> uint8 images) serves sampling.
+`QueryCodes` (SEED-LLaMA) is a `CodeTokens` whose codes come from a query tokenizer and whose
+decoder is an MMDiT. `decode` (token vectors or ids -> uint8 images) serves sampling.
 """
 
 import os
@@ -19,6 +20,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from unimm.image_grid import CodeGrid, LatentGrid, PixelPatches, image_grid, unpatchify
 from unimm.parallel.sharding import constrain
@@ -67,6 +69,35 @@ class CodeTokens(CodeGrid):
     return self.vq.decode(codes).reshape(*lead, rows * self.patch_size, cols * self.patch_size, 3)
 
 
+class QueryCodes(CodeGrid):
+  """SEED-LLaMA: the codes of a trained query tokenizer (an MMDiT workdir trained with
+  model.condition.encoder="seed": ViT, causal Q-Former, FSQ) as the image tokens, Q of them an
+  image in the Q-Former's order; its MMDiT is the decoder that renders codes into pixels (Euler
+  on the tokenizer's own schedule, from noise of a fixed seed)."""
+
+  def __init__(self, sampler, image_size: int, factor: int, code_offset: int, causal=True):
+    model = nnx.merge(sampler.graphdef, sampler.params)
+    super().__init__(image_size, factor, model.seed.fsq.num_codes, code_offset, None, causal)
+    self.rendered = sampler.patcher  # the decoder MMDiT's pixel patches
+    self.seed_graph, self.variables = nnx.split(model.seed, nnx.Param)
+    self.sampler = sampler
+
+  def tokens(self, variables, images):
+    """uint8 [n, H, W, 3] -> token ids int32 [n, Q] (code_offset + code; jax)."""
+    seed = nnx.merge(self.seed_graph, variables)
+    return seed.codes(self.rendered.encode(images, xp=jnp)) + self.code_offset
+
+  def decode(self, ids, grid=None):
+    """Token ids [..., Q] -> uint8 images, rendered by the tokenizer's MMDiT (sample.* of its
+    config, noise of seed 0); ids outside the codes (text, mask) become code 0."""
+    del grid
+    ids = np.asarray(ids)
+    codes = ids.reshape(-1, ids.shape[-1]) - self.code_offset
+    codes = np.where((codes >= 0) & (codes < self.num_codes), codes, 0)
+    images = self.sampler.render_codes(codes)
+    return images.reshape(*ids.shape[:-1], *images.shape[1:])
+
+
 _LOADED = {}
 
 
@@ -86,6 +117,12 @@ def image_tokenizer(cfg, text_vocab):
   grid = image_grid(cfg, text_vocab)
   if isinstance(grid, PixelPatches):
     return grid
+  if getattr(cfg.model, "image_tokenizer", "") == "seed":
+    key = ("seed", os.path.abspath(str(cfg.model.tokenizer_path)))
+    if key not in _LOADED:
+      from unimm.sample import load_sampler  # pylint: disable=import-outside-toplevel
+      _LOADED[key] = load_sampler(cfg.model.tokenizer_path)
+    return QueryCodes(_LOADED[key], grid.image_size, grid.patch_size, grid.code_offset, grid.causal)
   ae = load_trained(cfg.model.tokenizer_path)
   if isinstance(grid, LatentGrid):
     return LatentPatches(ae, grid.image_size, grid.q)

@@ -7,6 +7,7 @@ t' = a t / (1 + (a - 1) t), with flow.shift_kind
   "constant" (SD3)  a = shift * sqrt(pixels / base pixels)
   "flux"            a = e^mu, mu linear in the image's token count: base_shift at 256 tokens,
                     max_shift at 4096 (FLUX's e^mu / (e^mu + 1/t - 1) is the same map)
+and flow.unshifted_prob of the draws left unshifted.
 """
 
 import math
@@ -33,8 +34,14 @@ def shift_time(t, alpha):
 
 
 def sample_time(rng, shape, flow_cfg, image_size, tokens=None):
+  """Logit-normal t, shifted; with probability flow.unshifted_prob a draw keeps its unshifted
+  t (a mixture of the two densities: the shift's time near noise, and the clean end's detail)."""
   u = flow_cfg.t_mean + flow_cfg.t_std * jax.random.normal(rng, shape)
-  return shift_time(jax.nn.sigmoid(u), resolution_shift(flow_cfg, image_size, tokens))
+  alpha = resolution_shift(flow_cfg, image_size, tokens)
+  p = float(getattr(flow_cfg, "unshifted_prob", 0.0))
+  if p > 0.0:
+    alpha = jnp.where(jax.random.bernoulli(jax.random.fold_in(rng, 1), p, shape), 1.0, alpha)
+  return shift_time(jax.nn.sigmoid(u), alpha)
 
 
 def per_image_time(rng, segment_ids, image_ids, modality, flow_cfg, image_size, tokens=None):

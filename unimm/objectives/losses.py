@@ -354,4 +354,9 @@ def mmdit_loss(model, batch, rng, cfg):
   fm, n_img = flow_loss(v_pred, eps - x0, ok.astype(jnp.float32))
   metrics = {"loss": fm, "flow": fm, "image_tokens": n_img}
   metrics.update(model.edit_counts(batch))
-  return fm, metrics
+  loss = fm
+  if model.encoder_kind == "seed" and cfg.model.condition.recon_weight:
+    recon = model.seed.recon_loss(x0, ok[:, 0])
+    loss = fm + cfg.model.condition.recon_weight * recon
+    metrics.update(loss=loss, recon=recon)
+  return loss, metrics

@@ -11,7 +11,8 @@ step: two model evaluations a step, Euler on the last), on the schedule shifted 
                   one evaluation a step unless cfg_scale != 1 asks for true CFG as well
 Prompts are documents encoded as in training (`encode_document`), one per row.
 A conditioner with a frozen LLM (llm, metaquery) also captions and answers with that LLM, so
-ShapesEval shows its understanding scores next to the MMDiT's generation scores.
+ShapesEval shows its understanding scores next to the MMDiT's generation scores. A query
+tokenizer (encoder "seed") encodes images into codes and renders codes (`reconstruct`).
 """
 
 import jax
@@ -42,6 +43,7 @@ class DiffusionSampler(Prompts):
     model = nnx.merge(graphdef, params)
     self.guidance_embed = bool(model.guidance)
     self.llm = None
+    self.reconstructs = hasattr(model, "seed")  # a query tokenizer: eval scores its round trip
     if hasattr(model, "llm"):
       self.llm = self._llm_sampler(model)
 
@@ -89,6 +91,11 @@ class DiffusionSampler(Prompts):
         return v[1] + s.cfg_scale * (v[0] - v[1])
       return v[0]
 
+    return self._solve(velocity, n, seed)
+
+  def _solve(self, velocity, n, seed):
+    """The ODE from noise (of `seed`) to n images, velocity(x, t) as the guidance makes it."""
+    s, N, Dp = self.cfg.sample, self.patcher.num_patches, self.patcher.patch_dim
     x = jax.random.normal(jax.random.key(seed), (n, N, Dp), jnp.float32)
     shift = flow.resolution_shift(self.cfg.flow, self.cfg.data.image_size, N)
     ts = np.asarray(flow.euler_schedule(s.steps, shift))
@@ -100,6 +107,34 @@ class DiffusionSampler(Prompts):
         x_next = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
       x = x_next
     return np.asarray(self.patcher.decode(np.asarray(x)))
+
+  # ---------------------------------------------- SEED-LLaMA's query tokenizer (encoder "seed")
+
+  def _from_codes_fn(self, params, codes, x, t):
+    model = nnx.merge(self.graphdef, params)
+    tt = jnp.full(codes.shape[:1], t, jnp.float32)
+    return flow.velocity(model.from_codes(codes, x, tt), x, jnp.broadcast_to(tt[:, None], x.shape[:2]),
+                         self.cfg.model.prediction, self.cfg.flow.t_min)
+
+  def _codes_fn(self, params, images):
+    return nnx.merge(self.graphdef, params).seed.codes(self.patcher.encode(images, xp=jnp))
+
+  def image_codes(self, images):
+    """uint8 [n, H, W, 3] -> the query tokenizer's code ids [n, Q] int32."""
+    if not hasattr(self, "_codes"):
+      self._codes = jax.jit(self._codes_fn)
+    return np.asarray(self._codes(self.params, jnp.asarray(images)))
+
+  def render_codes(self, codes, seed=0):
+    """Code ids [n, Q] -> uint8 images [n, H, W, 3]: the decoder's ODE conditioned on them."""
+    if not hasattr(self, "_render"):
+      self._render = jax.jit(self._from_codes_fn)
+    codes = jnp.asarray(codes, jnp.int32)
+    return self._solve(lambda x, t: self._render(self.params, codes, x, t), len(codes), seed)
+
+  def reconstruct(self, images, seed=0):
+    """The query tokenizer's round trip: images -> codes -> rendered images."""
+    return self.render_codes(self.image_codes(images), seed)
 
   def image_to_text(self, images, prompts=None, seed=0):
     if self.llm is None:

@@ -85,7 +85,7 @@ class Run:
       state = self.trainer.init()
       if self.cfg.model.init_from:
         state = self.trainer.from_pretrained(state, self.cfg.model.init_from)
-      if self.trainer.mmdit and self.cfg.model.condition.encoder != "text":
+      if self.trainer.mmdit and self.cfg.model.condition.encoder in ("llm", "metaquery"):
         state = self.trainer.with_llm(state)
       return state
     return self.ckpt.restore(step, self.trainer.abstract_state, self.data)
