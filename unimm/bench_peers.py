@@ -94,8 +94,8 @@ def flux_fields(cfg, vocab):
     return None, (f"model.mmdit.variant='{x.variant}': diffusers' SD3 / Qwen-Image "
                   "transformers are no peer here yet"), None
   if m.condition.encoder != "text":
-    return None, ("the peer takes precomputed text features; unimm's conditioner here is a frozen "
-                  f"LLM ('{m.condition.encoder}')"), None
+    return None, ("the peer takes precomputed text features; unimm's conditioner here is "
+                  f"'{m.condition.encoder}', not the text encoder"), None
   if x.edit == "kontext" and x.references:
     return None, ("model.mmdit.edit='kontext' appends reference slots to the image stream; "
                   "set edit='none' for the peer's text-to-image step"), None
