@@ -112,7 +112,7 @@ def defaults() -> ml_collections.ConfigDict:
           queries=16,       # seed: codes an image (a square number: the LLM's grid of them)
           vit_depth=2,      # seed: blocks of its ViT over the image's patches
           levels=(8, 5, 5, 5),  # seed: the FSQ codebook (prod(levels) codes)
-          recon_weight=0.0,  # seed: weight of the linear pixel decoder's reconstruction loss on the codes
+          recon_weight=0.0,  # seed: weight of the MLP pixel decoder's reconstruction loss on the codes
       ),
       patch_size=8,        # image patch side in pixels (image tokenizer "pixels")
       image_tokenizer="pixels",  # image tokens: "pixels" (patches), "vae" (latent patches), "vq" (codes) or

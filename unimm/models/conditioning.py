@@ -161,12 +161,18 @@ class QueryTokenizer(nnx.Module):
 
   def __call__(self, patches):
     z = self.fsq.quantize(self.queries_out(patches))
+    self.sow(nnx.Intermediate, "quantized", z)  # for recon_loss, without a second encoder pass
     return z.astype(self.from_code.value.dtype) @ self.from_code.value
 
-  def recon_loss(self, patches, ok):
-    """Mean squared error of the pixel decoder's reconstruction from the quantized codes, over
-    the rows with an image (ok [B])."""
-    z = self.fsq.quantize(self.queries_out(patches))
+  def sown_codes(self):
+    """The quantized codes the last `__call__` computed (removed from the module)."""
+    return jax.tree.leaves(nnx.pop(self, nnx.Intermediate))[-1]
+
+  def recon_loss(self, patches, ok, z=None):
+    """Mean squared error of the pixel decoder's reconstruction from the quantized codes z
+    (computed from patches if not given), over the rows with an image (ok [B])."""
+    if z is None:
+      z = self.fsq.quantize(self.queries_out(patches))
     rec = jax.nn.gelu(z.reshape(z.shape[0], -1) @ self.recon_in.value) @ self.recon_out.value
     rec = rec.reshape(patches.shape)
     err = jnp.mean(jnp.square(rec - patches.astype(jnp.float32)), axis=(1, 2))

@@ -356,7 +356,7 @@ def mmdit_loss(model, batch, rng, cfg):
   metrics.update(model.edit_counts(batch))
   loss = fm
   if model.encoder_kind == "seed" and cfg.model.condition.recon_weight:
-    recon = model.seed.recon_loss(x0, ok[:, 0])
+    recon = model.seed.recon_loss(x0, ok[:, 0], model.seed.sown_codes())
     loss = fm + cfg.model.condition.recon_weight * recon
     metrics.update(loss=loss, recon=recon)
   return loss, metrics
