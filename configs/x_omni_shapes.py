@@ -20,5 +20,8 @@ from unimm.config import load_file
 def get_config():
   c = load_file(os.path.join(os.path.dirname(__file__), "early_fusion_shapes.py"))
   c.train.update(steps=900, time_limit_s=330.0)
-  c.grpo.update(prompts=8, group=8, lr=3e-4, kl_weight=0.04, time_limit_s=540.0)
+  # no edit bar here: the early-fusion edit share goes to captions, learned in these 900 steps
+  c.data.tasks.update(t2i=0.45, caption=0.3, qa=0.15, edit=0.05, story=0.05)
+  # rollouts at the sampling temperature of the eval (the policy is the code softmax at 0.7)
+  c.grpo.update(prompts=8, group=8, lr=3e-4, kl_weight=0.04, temperature=0.7, time_limit_s=540.0)
   return c

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from unimm.batch import NOISED_IMAGE
 from unimm.data import document as D
 from unimm.data.pipeline import encode_document
 from unimm.objectives import losses
@@ -87,7 +89,39 @@ def test_mar_trains_and_its_sampler_matches_the_training_forward(trained, monkey
   assert cond[0][1].all() and sum(revealed) + mar_schedule(len(at), 4)[-1] == len(at)
 
 
-def test_mar_on_8_devices_equals_one(trained):
-  """Loss and gradients of the MAR loss on data=2, fsdp=2, tensor=2 equal one device's."""
+def test_mar_transformer_reads_no_time(trained):
+  """MAR's transformer has no timestep input (its diffusion MLP embeds t): image tokens embed
+  the same at any t, and differently for different patches."""
   run, state, _, _, batch = trained
-  assert_8_devices_equal_one(run, state, batch)
+  model = nnx.merge(run.trainer.graphdef, state["params"])
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  embed = lambda t, p: model.embed_inputs(b["tokens"], p, jnp.full(b["tokens"].shape, t),
+                                          b["modality"], b["patch_index"], b["segment_ids"],
+                                          b["image_ids"])
+  image = np.asarray(b["modality"]) != 0
+  np.testing.assert_array_equal(np.asarray(embed(0.0, b["patches"])), np.asarray(embed(0.7, b["patches"])))
+  moved = np.abs(np.asarray(embed(0.0, b["patches"] + 0.5) - embed(0.0, b["patches"]))).max(-1)
+  assert (moved[image] > 0).all() and (moved[~image] == 0).all()
+
+
+def test_mar_on_8_devices_equals_one_and_the_row_cap_is_exact(trained):
+  """The MLP on at most mar.max_tokens positions a row: a cap at each row's count of target
+  tokens gives the uncapped loss and gradients (the same draws, gathered); a smaller cap trains
+  on a subset (another loss, finite). Loss and gradients of the capped MAR loss on data=2,
+  fsdp=2, tensor=2 equal one device's."""
+  from unimm.parallel.sharding import make_mesh
+  from unimm.train.step import Trainer
+  run, state, _, _, batch = trained
+  cap = int((np.asarray(batch["modality"]) == NOISED_IMAGE).sum(1).max())
+  assert 0 < cap < batch["modality"].shape[1]
+  def loss_grads(max_tokens):
+    cfg = run.cfg.copy_and_resolve_references()
+    cfg.model.mar.max_tokens = max_tokens
+    tr = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), run.trainer.vocab_size)
+    loss, grads = tr.loss_and_grads(state["params"], tr.device_batch(batch), jax.random.key(5))
+    return float(loss), jax.device_get(grads)
+  full, capped, sub = loss_grads(0), loss_grads(cap), loss_grads(max(cap // 4, 1))
+  assert abs(capped[0] - full[0]) <= 1e-6 * abs(full[0]) and np.isfinite(sub[0]) and sub[0] != full[0]
+  for a, b in zip(jax.tree.leaves(full[1]), jax.tree.leaves(capped[1])):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(a))) + 1e-30)
+  assert_8_devices_equal_one(run, state, batch, mar=dict(max_tokens=max(cap // 2, 1)))

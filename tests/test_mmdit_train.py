@@ -43,6 +43,17 @@ def mmdit_config(**mesh):
   return c
 
 
+def decoder_config(**mesh):
+  """mmdit_config for a decoder conditioned on its target's codes (SEED's, X-Omni's): text to
+  image only, no condition dropout, no guidance."""
+  c = mmdit_config(**mesh)
+  c.model.mmdit.edit = "none"
+  c.data.update(cfg_dropout=0.0, image_dropout=0.0)
+  c.data.tasks = dict(t2i=1.0)
+  c.sample.update(cfg_scale=1.0, image_cfg_scale=1.0)
+  return c
+
+
 @pytest.fixture(scope="module")
 def vocab_size():
   return load_tokenizer("byte").model_vocab_size()

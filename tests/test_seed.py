@@ -18,17 +18,13 @@ from unimm.image_grid import unpatchify
 from unimm.models.conditioning import gather
 from unimm.parallel import sharding as shd
 from unimm.train.step import Trainer
-from tests.test_mmdit_train import mmdit_config
+from tests.test_mmdit_train import decoder_config
 
 
 def seed_config(**mesh):
-  c = mmdit_config(**mesh)
+  c = decoder_config(**mesh)
   c.model.condition.update(encoder="seed", depth=2, vit_depth=1, queries=4, levels=(4, 4),
                            recon_weight=0.5)
-  c.model.mmdit.edit = "none"
-  c.data.update(cfg_dropout=0.0, image_dropout=0.0)
-  c.data.tasks = dict(t2i=1.0)
-  c.sample.update(cfg_scale=1.0, image_cfg_scale=1.0)
   return c
 
 

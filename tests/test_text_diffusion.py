@@ -198,6 +198,18 @@ def test_flow_sampler_matches_the_training_forward(trained, monkeypatch):
                                atol=1e-4)
   assert text == TOK.decode(np.argmax(seen[-1][1][pos, :TOK.vocab_size], -1).tolist())
 
+  # sub-blocks of 8 left to right (sample.text_block), 2 steps each: once a sub-block's steps
+  # are done its tokens stay; the sub-blocks after it restart uniform
+  seen.clear()
+  s.cfg.sample.update(text_block=8, text_steps=2 * (-(-n_ans // 8)))
+  s.image_to_text([image])
+  assert len(seen) == s.cfg.sample.text_steps
+  last = seen[-1][0][pos]
+  for k, (tokens, _) in enumerate(seen):
+    fixed = 8 * (k // 2)
+    np.testing.assert_array_equal(tokens[pos][:fixed], last[:fixed])
+    assert (tokens[pos][fixed:] < run.patcher.code_offset).all()
+
 
 def _record_forward(s, monkeypatch):
   """[(tokens, logits) of row 0] of every forward pass the sampler `s` makes from now on."""

@@ -107,8 +107,11 @@ def defaults() -> ml_collections.ConfigDict:
                             # unified model in `llm`: Qwen-Image), "metaquery" (learnable queries through it
                             # and a trainable connector: MetaQuery) or "seed" (the target image through a
                             # query tokenizer: SEED-LLaMA's tokenizer and decoder, trained as an autoencoder)
+                            # or "vq" (the target image's codes of the VQ tokenizer in `tokenizer`:
+                            # X-Omni's diffusion decoder, rendering codes an LLM generates)
           llm="",           # llm / metaquery: the workdir of a trained unified model (frozen)
-          depth=2,          # blocks of the text encoder / the connector / seed's causal Q-Former
+          tokenizer="",     # vq: the workdir of a VQ tokenizer (python -m unimm.train.autoencoder), frozen
+          depth=2,          # blocks of the text / code encoder, the connector or seed's causal Q-Former
           queries=16,       # seed: codes an image (a square number: the LLM's grid of them)
           vit_depth=2,      # seed: blocks of its ViT over the image's patches
           levels=(8, 5, 5, 5),  # seed: the FSQ codebook (prod(levels) codes)
@@ -120,6 +123,8 @@ def defaults() -> ml_collections.ConfigDict:
       tokenizer_path="",   # vae / vq: workdir of a tokenizer trained by python -m unimm.train.autoencoder; seed:
                            # of one trained by python -m unimm.train
       latent_patch=2,      # vae: latents per token side (a token covers f * latent_patch pixels)
+      image_decoder="",    # vq: an MMDiT workdir trained with model.condition.encoder="vq" on the same
+                           # tokenizer renders the generated codes (X-Omni) instead of the tokenizer's decoder
       image_loss="flow",   # target images: "flow" (pixels, vae), "next_token" (vq: Chameleon / Emu3
                            # early fusion), "masked" (vq: MaskGIT masked-token prediction) or "mar"
                            # (pixels, vae: Harmon / MAR, masked tokens drawn by a per-token diffusion MLP)
@@ -129,6 +134,8 @@ def defaults() -> ml_collections.ConfigDict:
           mask_min=0.7,    # each target image masks a share of its tokens drawn from N(1, 0.25)
                            # truncated to [mask_min, 1] (MAR)
           t_repeat=4,      # flow times drawn per masked token and step (MAR's diffusion_batch_mul)
+          max_tokens=0,    # positions of a row the MLP trains on (masked ones first, a random subset
+                           # if more); 0: every position
       ),
       understanding="shared",  # condition images: "shared" (the image tokenizer) or "pixels"
                            # (vq only, Janus-Pro: pixel patches of model.patch_size into a ViT)
@@ -241,7 +248,7 @@ def defaults() -> ml_collections.ConfigDict:
       mask_steps=12,       # masked / mar: parallel decoding steps (cosine schedule of masked tokens)
       text_steps=0,        # text diffusion: unmasking steps over the answer block (data.answer_len tokens,
                            # the most confident first); 0: one token a step
-      text_block=0,        # masked text diffusion: unmask sub-blocks of this many tokens left to right
+      text_block=0,        # text diffusion: fill sub-blocks of this many tokens left to right
                            # (semi-autoregressive, LLaDA / MMaDA), text_steps shared among them; 0: one block
   )
   c.grpo = dict(           # python -m unimm.train.grpo: RL on an early-fusion model (unimm.train.grpo)

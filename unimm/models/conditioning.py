@@ -20,6 +20,10 @@ From each row the model takes two streams, by position:
                   causal Q-Former, FSQ codes): the MMDiT is then SEED-LLaMA's decoder, trained
                   with the tokenizer as an autoencoder, and renders codes an LLM generates
                   (`from_codes`; `unimm.models.image_tokenizer.QueryCodes`)
+     "vq"         the target image's codes by a frozen VQ tokenizer (model.condition.tokenizer;
+                  the batch's `codes`, `image_tokenizer.CodedPixels`) through a trainable code
+                  encoder: X-Omni's diffusion decoder, which renders the codes a unified model
+                  generates (`from_codes`; model.image_decoder)
 
 The frozen LLM (model.condition.llm: a unimm training workdir of the unified model) is part of
 the parameters, loaded from its checkpoint at the start of training; its parameters get no
@@ -43,7 +47,7 @@ from unimm.kernels.mask import MAX_IMAGE, run_bounds
 from unimm.models.layers import Block, MaskIds, RMSNorm, aligned_source, param, run_blocks
 from unimm.parallel.sharding import constrain
 
-ENCODERS = ("text", "llm", "metaquery", "seed")
+ENCODERS = ("text", "llm", "metaquery", "seed", "vq")
 EDITS = ("kontext", "concat", "none")
 
 
@@ -92,7 +96,8 @@ class Encoder(nnx.Module):
 
 
 class TextEncoder(nnx.Module):
-  """A small trainable text encoder: a token table and bidirectional blocks."""
+  """A small trainable text encoder: a token table and bidirectional blocks (also X-Omni's
+  decoder's code encoder, over the table of the VQ codes in raster order)."""
 
   def __init__(self, model_cfg, vocab_size, *, rngs):
     w = model_cfg.width
@@ -235,6 +240,8 @@ class DiffusionModel(nnx.Module):
       self.text_encoder = TextEncoder(m, vocab_size, rngs=rngs)
     elif self.encoder_kind == "seed":
       self.seed = QueryTokenizer(m, patcher.patch_dim, self.tokens, rngs=rngs)
+    elif self.encoder_kind == "vq":
+      self.code_encoder = TextEncoder(m, patcher.num_codes, rngs=rngs)
     else:
       llm_cfg = llm_config(m.condition.llm, cfg)
       if llm_cfg.data.tokenizer != cfg.data.tokenizer:
@@ -321,8 +328,9 @@ class DiffusionModel(nnx.Module):
     if self.encoder_kind == "text":
       idx, ok = first_positions(text, tokens.shape[1] - self.tokens)
       return self.text_encoder(gather(tokens, idx), ok), ok
-    if self.encoder_kind == "seed":  # the target itself (clean), as an autoencoder
-      features = self.seed(gather(batch["patches"], target_idx))
+    if self.encoder_kind in ("seed", "vq"):  # the target itself: its codes (a decoder)
+      features = (self.seed(gather(batch["patches"], target_idx)) if self.encoder_kind == "seed"
+                  else self.code_features(batch["codes"]))
       return features, jnp.broadcast_to(target_ok[:, :1], features.shape[:2])
     target = modality == NOISED_IMAGE
     patches = jnp.where(target[..., None], 0.0, batch["patches"])  # the LLM never sees a target
@@ -362,10 +370,17 @@ class DiffusionModel(nnx.Module):
     out = self._denoise(img, img_mask, frames, txt, txt_mask, t, guidance)
     return out + source.astype(jnp.float32) if self.edit_residual else out
 
+  def code_features(self, codes):
+    """Code ids [B, Q] -> the text stream [B, Q, width]: the query tokenizer's codes (seed) or
+    the VQ codes through the code encoder (vq)."""
+    if self.encoder_kind == "seed":
+      return self.seed.embed(codes)
+    return self.code_encoder(codes, jnp.ones(codes.shape, bool))
+
   def from_codes(self, codes, x_t, t):
-    """SEED-LLaMA's decoder: the prediction for x_t [B, N, D] at t [B] conditioned on the query
-    tokenizer's code ids [B, Q] (what `condition` gives for an image whose codes they are)."""
-    txt = self.seed.embed(codes)
+    """The decoder of SEED-LLaMA / X-Omni: the prediction for x_t [B, N, D] at t [B]
+    conditioned on code ids [B, Q] (what `condition` gives for an image whose codes they are)."""
+    txt = self.code_features(codes)
     return self._denoise(x_t.astype(txt.dtype), jnp.ones(x_t.shape[:2], bool), [0], txt,
                          jnp.ones(codes.shape, bool), t, None)
 

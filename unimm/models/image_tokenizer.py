@@ -11,8 +11,10 @@ sampler), with the tokenizer's variables as an input:
     pixels [B, L, P] uint8 -> images [B * L // N, H, W, 3] -> tokenizer.tokens
         -> vae: `patches` (normalised latent patches); vq: `tokens`, `targets` (code ids)
 
-`QueryCodes` (SEED-LLaMA) is a `CodeTokens` whose codes come from a query tokenizer and whose
-decoder is an MMDiT. `decode` (token vectors or ids -> uint8 images) serves sampling.
+`QueryCodes` (SEED-LLaMA) is a `CodeGrid` whose codes come from a query tokenizer and whose
+decoder is an MMDiT; `RenderedCodes` (X-Omni) VQ codes rendered by an MMDiT conditioned on them
+(model.image_decoder), which trains on `CodedPixels` (pixel patches plus each target's codes).
+`decode` (token vectors or ids -> uint8 images) serves sampling.
 """
 
 import os
@@ -22,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unimm.batch import NOISED_IMAGE
+from unimm.errors import UserError
 from unimm.image_grid import CodeGrid, LatentGrid, PixelPatches, image_grid, unpatchify
 from unimm.parallel.sharding import constrain
 
@@ -62,11 +66,57 @@ class CodeTokens(CodeGrid):
   def decode(self, ids, grid=None):
     """Token ids [..., N] -> uint8 images; ids outside the codes (text, mask) become code 0."""
     rows, cols = grid or (self.grid, self.grid)
-    ids = np.asarray(ids)
-    lead = ids.shape[:-1]
-    codes = ids.reshape(-1, rows, cols) - self.code_offset
-    codes = np.where((codes >= 0) & (codes < self.num_codes), codes, 0)
-    return self.vq.decode(codes).reshape(*lead, rows * self.patch_size, cols * self.patch_size, 3)
+    codes = _codes(self, ids).reshape(-1, rows, cols)
+    return self.vq.decode(codes).reshape(*np.shape(ids)[:-1], rows * self.patch_size,
+                                         cols * self.patch_size, 3)
+
+
+def _codes(grid, ids):
+  """Token ids [..., Q] -> code ids [M, Q] (numpy); ids outside the codes become code 0."""
+  ids = np.asarray(ids)
+  codes = ids.reshape(-1, ids.shape[-1]) - grid.code_offset
+  return np.where((codes >= 0) & (codes < grid.num_codes), codes, 0)
+
+
+class RenderedCodes(CodeTokens):
+  """X-Omni: a VQ tokenizer's codes as the image tokens (`CodeTokens`), rendered into pixels by
+  a diffusion decoder (model.image_decoder: an MMDiT trained with model.condition.encoder="vq"
+  on the same tokenizer; Euler on its own schedule, noise of seed 0) instead of the VQ decoder."""
+
+  def __init__(self, vq, image_size: int, code_offset: int, understanding, causal, decoder):
+    super().__init__(vq, image_size, code_offset, understanding, causal)
+    self.decoder = decoder
+
+  def decode(self, ids, grid=None):
+    del grid
+    return _render(self.decoder, self, ids)
+
+
+def _render(decoder, grid, ids):
+  """Token ids [..., Q] -> uint8 images [..., H, W, 3] by a code-conditioned MMDiT's sampler."""
+  images = decoder.render_codes(_codes(grid, ids))
+  return images.reshape(*np.shape(ids)[:-1], *images.shape[1:])
+
+
+class CodedPixels(PixelPatches):
+  """Pixel patches of an MMDiT whose text stream is its target image's VQ codes
+  (model.condition.encoder="vq": X-Omni's diffusion decoder): `encode_images` adds the batch's
+  `codes` [B, n], those of each row's first target image by the frozen tokenizer."""
+
+  def __init__(self, grid, vq):
+    super().__init__(grid.image_size, grid.patch_size, grid.channels)
+    self.vq, self.variables, self.num_codes = vq, vq.variables, vq.num_codes
+
+  def codes(self, variables, images):
+    """uint8 [n, H, W, 3] -> the tokenizer's codes [n, h * w] int32 (raster order; jax)."""
+    z = self.vq.latents(variables, images)
+    return z.reshape(z.shape[0], -1)
+
+  def target_codes(self, variables, batch):
+    from unimm.models.conditioning import first_positions  # pylint: disable=import-outside-toplevel
+    idx, _ = first_positions(batch["modality"] == NOISED_IMAGE, self.num_patches)
+    x = jnp.take_along_axis(batch["patches"], idx[..., None], axis=1)
+    return self.codes(variables, self.decode(x, xp=jnp))
 
 
 class QueryCodes(CodeGrid):
@@ -91,11 +141,7 @@ class QueryCodes(CodeGrid):
     """Token ids [..., Q] -> uint8 images, rendered by the tokenizer's MMDiT (sample.* of its
     config, noise of seed 0); ids outside the codes (text, mask) become code 0."""
     del grid
-    ids = np.asarray(ids)
-    codes = ids.reshape(-1, ids.shape[-1]) - self.code_offset
-    codes = np.where((codes >= 0) & (codes < self.num_codes), codes, 0)
-    images = self.sampler.render_codes(codes)
-    return images.reshape(*ids.shape[:-1], *images.shape[1:])
+    return _render(self.sampler, self, ids)
 
 
 _LOADED = {}
@@ -113,8 +159,13 @@ def load_trained(path):
 def image_tokenizer(cfg, text_vocab):
   """The image tokenizer of a full config (see `unimm.image_grid.image_grid`, which checks
   the config): PixelPatches, or LatentPatches / CodeTokens with the trained tokenizer of
-  model.tokenizer_path. text_vocab: the text tokenizer's embedding rows."""
+  model.tokenizer_path (RenderedCodes with model.image_decoder); CodedPixels for an MMDiT
+  conditioned on VQ codes. text_vocab: the text tokenizer's embedding rows."""
   grid = image_grid(cfg, text_vocab)
+  m = cfg.model
+  if getattr(m, "family", "unified") == "mmdit" and m.condition.encoder == "vq":
+    return CodedPixels(grid, _vq_tokenizer(m.condition.tokenizer, grid.image_size,
+                                           "model.condition.tokenizer"))
   if isinstance(grid, PixelPatches):
     return grid
   if getattr(cfg.model, "image_tokenizer", "") == "seed":
@@ -126,7 +177,39 @@ def image_tokenizer(cfg, text_vocab):
   ae = load_trained(cfg.model.tokenizer_path)
   if isinstance(grid, LatentGrid):
     return LatentPatches(ae, grid.image_size, grid.q)
+  if getattr(m, "image_decoder", ""):
+    return RenderedCodes(ae, grid.image_size, grid.code_offset, grid.understanding, grid.causal,
+                         _decoder(m.image_decoder, ae))
   return CodeTokens(ae, grid.image_size, grid.code_offset, grid.understanding, grid.causal)
+
+
+def _vq_tokenizer(path, image_size, field):
+  """The trained VQ tokenizer of `path` (loaded once), checked for images of image_size."""
+  if not path:
+    raise UserError(f"{field} is empty: give the workdir of a VQ tokenizer trained with python -m "
+                    "unimm.train.autoencoder --config configs/vq_shapes.py")
+  ae = load_trained(path)
+  if ae.kind == "vae" or ae.image_size != image_size:
+    raise UserError(f"{field}={path} holds a {ae.kind} tokenizer of {ae.image_size}-pixel images: "
+                    f"give a VQ tokenizer trained on data.image_size={image_size}")
+  return ae
+
+
+def _decoder(path, ae):
+  """The sampler of the diffusion decoder in `path` (model.image_decoder, loaded once): an
+  MMDiT conditioned on the codes of the same tokenizer as `ae` (checked before loading)."""
+  key = ("decoder", os.path.abspath(str(path)))
+  if key not in _LOADED:
+    from unimm.sample import _workdir_config, load_sampler  # pylint: disable=import-outside-toplevel
+    cfg = _workdir_config({"workdir": path})
+    cond = cfg.model.condition
+    if (getattr(cfg.model, "family", "") != "mmdit" or cond.encoder != "vq"
+        or os.path.abspath(cond.tokenizer) != ae.workdir):
+      raise UserError(f"model.image_decoder={path} is no diffusion decoder of the codes of "
+                      f"{ae.workdir}: train one with model.condition.encoder='vq' and "
+                      f"model.condition.tokenizer={ae.workdir} (configs/x_omni_decoder_shapes.py)")
+    _LOADED[key] = load_sampler(path, cfg)
+  return _LOADED[key]
 
 
 def frozen_variables(tokenizer):
@@ -141,6 +224,8 @@ def encode_images(tokenizer, variables, batch):
   latent patches; vq: `tokens` become the code ids, and `targets` the id of the next
   position where that is encoded. Pixel patches need nothing, nor does a batch with no
   pixels to encode (e.g. all from latent caches): it comes back as it is."""
+  if hasattr(tokenizer, "target_codes"):  # X-Omni's decoder: the codes of its target images
+    return dict(batch, codes=tokenizer.target_codes(variables, batch))
   if not hasattr(tokenizer, "tokens") or batch["encode"].shape[1] < tokenizer.num_patches:
     return batch
   return jax.lax.cond(jnp.any(batch["encode"] > 0),

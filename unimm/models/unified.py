@@ -62,8 +62,12 @@ class UnifiedTransformer(nnx.Module):
     self.patch_pos = param(rngs, (patch_grid[0] * patch_grid[1], w), ("positions", "embed"), 0.02)
     self.modality_embed = param(rngs, (3, w), (None, "embed"), 0.02)
     flow = code_offset is None  # the timestep embedding and the flow head serve flow models only
-    self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM)) if flow else None
-    self.t_out = param(rngs, (w, w), ("embed", None), 1.0 / math.sqrt(w)) if flow else None
+    # (not MAR's transformer: it never sees t; its per-token diffusion MLP embeds t itself. A
+    # timestep input that is always 0 became a large constant on every image token, 3x the
+    # patches' spread, and captions stopped reading the image)
+    timed = flow and getattr(cfg, "image_loss", "flow") != "mar"
+    self.t_in = param(rngs, (T_FREQ_DIM, w), (None, "embed"), 1.0 / math.sqrt(T_FREQ_DIM)) if timed else None
+    self.t_out = param(rngs, (w, w), ("embed", None), 1.0 / math.sqrt(w)) if timed else None
     # Janus-Pro's understanding encoder: blocks over each condition image's pixel patches alone
     self.vit = nnx.List([Block(_dense(cfg), rngs=rngs, modality_experts=False)
                          for _ in range(getattr(cfg, "vit_depth", 0))])
@@ -107,11 +111,12 @@ class UnifiedTransformer(nnx.Module):
     if self.source_in is not None:
       source = self.edit_sources(patches, segment_ids, modality, image_ids).astype(dtype)
       img = img + source @ self.source_in.value
-    if self.t_in is not None:  # flow models (a flow head or MAR's diffusion MLP)
+    if self.t_in is not None:  # flow models with a flow head
       # (batch-sharded like the rows: unconstrained, XLA gathers the whole batch's [B, L, 256]
       # to meet t_in's fsdp-sharded columns instead of gathering the weight)
       temb = constrain(timestep_embedding(t, T_FREQ_DIM).astype(dtype), ("batch", "length", None))
       img = img + jax.nn.silu(temb @ self.t_in.value) @ self.t_out.value
+    if self.code_offset is None:  # pixel or latent patches (flow, MAR)
       return constrain(jnp.where((modality == TEXT)[..., None], text, img),
                        ("batch", "length", "act_embed"))
     code = tokens >= self.code_offset

@@ -290,23 +290,42 @@ def mar_hidden(model, batch, patches, masked):
                       embeds=model.mask_embeddings(batch["modality"], batch["patch_index"]))[0]
 
 
+def mar_rows(rng, masked, cap):
+  """[B, cap] positions of each row where MAR's MLP runs: the masked ones first, in a random
+  order (a uniform random subset of them when a row holds more than `cap`), then others (whose
+  loss weight is 0); None when cap is 0 or not below the row length (every position)."""
+  if not cap or cap >= masked.shape[1]:
+    return None
+  key = jnp.where(masked, jax.random.uniform(rng, masked.shape), 2.0)
+  return jnp.argsort(key, axis=1)[:, :cap]
+
+
 def mar_loss(model, batch, rng, cfg):
   """Harmon / MAR: the masked tokens of each target image (`mar_masked`) are predicted from
   the transformer's output z by the per-token diffusion MLP, flow matching with
   model.mar.t_repeat times per token (t as flow.* samples it, per token); loss averaged over
-  the masked tokens and draws. Text keeps next-token loss."""
-  rng_mask, rng_t, rng_eps = jax.random.split(rng, 3)
+  the masked tokens and draws. The MLP runs at model.mar.max_tokens positions of each row
+  (`mar_rows`), not on the text. Text keeps next-token loss."""
+  rng_mask, rng_t, rng_eps, rng_pick = jax.random.split(rng, 4)
   m = cfg.model.mar
   masked = mar_masked(rng_mask, batch, m.mask_min)
   x0 = batch["patches"].astype(jnp.float32)
   h = mar_hidden(model, batch, x0, masked)
   k = int(m.t_repeat)
+  # (t and eps are drawn at every position, then gathered: a cap at or above each row's count of
+  # masked tokens gives exactly the uncapped loss)
   t = flow.sample_time(rng_t, (k,) + masked.shape, cfg.flow, cfg.data.image_size,
                        tokens=model.patch_pos.value.shape[0])
   eps = jax.random.normal(rng_eps, (k,) + x0.shape, jnp.float32)
+  z, w = h, masked
+  idx = mar_rows(rng_pick, masked, int(getattr(m, "max_tokens", 0)))
+  if idx is not None:
+    w, t = jnp.take_along_axis(masked, idx, 1), jnp.take_along_axis(t, idx[None], 2)
+    x0, z = (jnp.take_along_axis(a, idx[..., None], 1) for a in (x0, h))
+    eps = jnp.take_along_axis(eps, idx[None, ..., None], 2)
   x_t = flow.add_noise(x0[None], eps, t)
-  v = flow.velocity(model.mar_head(x_t, t, h[None]), x_t, t, cfg.model.prediction, cfg.flow.t_min)
-  fm, n_img = flow_loss(v, eps - x0[None], jnp.broadcast_to(masked, t.shape).astype(jnp.float32))
+  v = flow.velocity(model.mar_head(x_t, t, z[None]), x_t, t, cfg.model.prediction, cfg.flow.t_min)
+  fm, n_img = flow_loss(v, eps - x0[None], jnp.broadcast_to(w, t.shape).astype(jnp.float32))
   ((nll, correct),) = _nll(model, h, cfg, batch["targets"])
   ce, n_text, n_correct = next_token_loss(nll, correct, batch["loss_mask"].astype(jnp.float32))
   loss = ce + cfg.flow.loss_weight * fm

@@ -12,7 +12,8 @@ step: two model evaluations a step, Euler on the last), on the schedule shifted 
 Prompts are documents encoded as in training (`encode_document`), one per row.
 A conditioner with a frozen LLM (llm, metaquery) also captions and answers with that LLM, so
 ShapesEval shows its understanding scores next to the MMDiT's generation scores. A query
-tokenizer (encoder "seed") encodes images into codes and renders codes (`reconstruct`).
+tokenizer (encoder "seed") or X-Omni's decoder over VQ codes (encoder "vq") encodes images into
+codes and renders codes (`reconstruct`).
 """
 
 import jax
@@ -43,7 +44,8 @@ class DiffusionSampler(Prompts):
     model = nnx.merge(graphdef, params)
     self.guidance_embed = bool(model.guidance)
     self.llm = None
-    self.reconstructs = hasattr(model, "seed")  # a query tokenizer: eval scores its round trip
+    # a code-conditioned decoder (seed, vq): eval scores its round trip through the codes
+    self.reconstructs = model.encoder_kind in ("seed", "vq")
     if hasattr(model, "llm"):
       self.llm = self._llm_sampler(model)
 
@@ -108,7 +110,7 @@ class DiffusionSampler(Prompts):
       x = x_next
     return np.asarray(self.patcher.decode(np.asarray(x)))
 
-  # ---------------------------------------------- SEED-LLaMA's query tokenizer (encoder "seed")
+  # ------------------- code-conditioned decoders: SEED-LLaMA's (encoder "seed"), X-Omni's ("vq")
 
   def _from_codes_fn(self, params, codes, x, t):
     model = nnx.merge(self.graphdef, params)
@@ -116,14 +118,18 @@ class DiffusionSampler(Prompts):
     return flow.velocity(model.from_codes(codes, x, tt), x, jnp.broadcast_to(tt[:, None], x.shape[:2]),
                          self.cfg.model.prediction, self.cfg.flow.t_min)
 
-  def _codes_fn(self, params, images):
-    return nnx.merge(self.graphdef, params).seed.codes(self.patcher.encode(images, xp=jnp))
+  def _codes_fn(self, params, variables, images):
+    model = nnx.merge(self.graphdef, params)
+    if model.encoder_kind == "vq":
+      return self.patcher.codes(variables, images)
+    return model.seed.codes(self.patcher.encode(images, xp=jnp))
 
   def image_codes(self, images):
-    """uint8 [n, H, W, 3] -> the query tokenizer's code ids [n, Q] int32."""
+    """uint8 [n, H, W, 3] -> the code ids [n, Q] int32 of the query tokenizer (seed) or of
+    the frozen VQ tokenizer (vq)."""
     if not hasattr(self, "_codes"):
       self._codes = jax.jit(self._codes_fn)
-    return np.asarray(self._codes(self.params, jnp.asarray(images)))
+    return np.asarray(self._codes(self.params, frozen_variables(self.patcher), jnp.asarray(images)))
 
   def render_codes(self, codes, seed=0):
     """Code ids [n, Q] -> uint8 images [n, H, W, 3]: the decoder's ODE conditioned on them."""

@@ -484,20 +484,29 @@ class Sampler(Prompts):
   def _flow_text(self, docs, n_ans, steps, rng):
     """FUDOKI: the block starts uniform over the text rows of the token table (the path at
     t = 1); each step from t to t - 1/K predicts the clean tokens x1 and draws the block anew
-    from the metric path p_{t - 1/K}(. | x1) (`losses.metric_path_logits`), x1 at the end."""
+    from the metric path p_{t - 1/K}(. | x1) (`losses.metric_path_logits`), x1 at the end.
+    With sample.text_block, sub-blocks of that many tokens left to right: for each, the
+    positions from it on restart uniform and run the path, and the sub-block keeps its x1."""
     m, vocab = self.cfg.model, self.patcher.code_offset
-    rng, sub = jax.random.split(rng)
-    ids = jax.random.randint(sub, (len(docs), n_ans), 0, vocab, jnp.int32)
+    block = min(int(getattr(self.cfg.sample, "text_block", 0)) or n_ans, n_ans)
+    blocks = -(-n_ans // block)
+    per_block = max(1, steps // blocks)
+    ids = jnp.zeros((len(docs), n_ans), jnp.int32)
     b, idx = self._answer_block(docs, ids)
     emb = self._model(self.params).embed.value[:vocab]
     beta = (losses.path_beta_scale(m.text_flow, vocab), float(m.text_flow.beta_power))
-    for k in range(steps):
-      rng, sub, sub2 = jax.random.split(rng, 3)
-      _, ids = self._draw_answer(b, idx, ids, sub)
-      t_next = 1.0 - (k + 1) / steps
-      if t_next > 0:
-        path = losses.metric_path_logits(emb, ids, jnp.full(ids.shape, t_next), *beta)
-        ids = jax.random.categorical(sub2, path).astype(jnp.int32)
+    for j in range(blocks):
+      rest = jnp.asarray(np.arange(n_ans) >= j * block)  # this sub-block and those after it
+      rng, sub = jax.random.split(rng)
+      ids = jnp.where(rest, jax.random.randint(sub, ids.shape, 0, vocab, jnp.int32), ids)
+      for k in range(per_block):
+        rng, sub, sub2 = jax.random.split(rng, 3)
+        _, x1 = self._draw_answer(b, idx, ids, sub)
+        t_next = 1.0 - (k + 1) / per_block
+        if t_next > 0:
+          path = losses.metric_path_logits(emb, x1, jnp.full(ids.shape, t_next), *beta)
+          x1 = jax.random.categorical(sub2, path).astype(jnp.int32)
+        ids = jnp.where(rest, x1, ids)
     return ids
 
   def _pick(self, logits, rng):
