@@ -52,7 +52,10 @@ mmada: runs/vq_shapes/eval.json
 fudoki: runs/vq_shapes/eval.json
 	$(PY) -m unimm.train --config configs/fudoki_shapes.py --workdir runs/fudoki
 
-x-omni: runs/vq_shapes/eval.json
+runs/x_omni_decoder/eval.json: runs/vq_shapes/eval.json
+	$(PY) -m unimm.train --config configs/x_omni_decoder_shapes.py --workdir runs/x_omni_decoder
+
+x-omni: runs/x_omni_decoder/eval.json
 	$(PY) -m unimm.train --config configs/x_omni_shapes.py --workdir runs/x_omni
 	$(PY) -m unimm.train.grpo --init runs/x_omni --workdir runs/x_omni_grpo
 

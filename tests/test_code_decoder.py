@@ -103,6 +103,12 @@ def test_unified_model_renders_its_codes_through_the_decoder(decoder, tiny_token
     with pytest.raises(UserError, match="no diffusion decoder of the codes") as e:
       image_tokenizer(config(tiny_tokenizers, kind="vq", image_decoder=str(other)), 300)
     assert "\n" not in str(e.value)
+  for kind, path, why in (("vq", str(tmp_path / "none"), "holds no training workdir"),
+                         ("pixels", run.workdir, "needs model.image_tokenizer='vq'")):
+    with pytest.raises(UserError, match=why) as e:
+      image_tokenizer(config(tiny_tokenizers, kind=kind, loss="next_token" if kind == "vq" else "flow",
+                             image_decoder=path), 300)
+    assert "\n" not in str(e.value)
   with pytest.raises(UserError, match="holds a vae tokenizer") as e:
     Trainer(vq_decoder_config(tiny_tokenizers["vae"]), shd.make_mesh(run.cfg.mesh, jax.devices()[:1]),
             run.trainer.vocab_size)

@@ -166,6 +166,9 @@ def image_tokenizer(cfg, text_vocab):
   if getattr(m, "family", "unified") == "mmdit" and m.condition.encoder == "vq":
     return CodedPixels(grid, _vq_tokenizer(m.condition.tokenizer, grid.image_size,
                                            "model.condition.tokenizer"))
+  if getattr(m, "image_decoder", "") and getattr(m, "image_tokenizer", "pixels") != "vq":
+    raise UserError(f"model.image_decoder renders vq codes: it needs model.image_tokenizer='vq', "
+                    f"not '{m.image_tokenizer}'")
   if isinstance(grid, PixelPatches):
     return grid
   if getattr(cfg.model, "image_tokenizer", "") == "seed":
@@ -201,6 +204,9 @@ def _decoder(path, ae):
   key = ("decoder", os.path.abspath(str(path)))
   if key not in _LOADED:
     from unimm.sample import _workdir_config, load_sampler  # pylint: disable=import-outside-toplevel
+    if not os.path.exists(os.path.join(str(path), "config.json")):
+      raise UserError(f"model.image_decoder={path} holds no training workdir: train the decoder "
+                      f"with python -m unimm.train --config configs/x_omni_decoder_shapes.py")
     cfg = _workdir_config({"workdir": path})
     cond = cfg.model.condition
     if (getattr(cfg.model, "family", "") != "mmdit" or cond.encoder != "vq"
