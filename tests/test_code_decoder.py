@@ -29,19 +29,26 @@ def vq_decoder_config(vq_dir, **mesh):
   return c
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _quick_compiles():
+  """XLA with most optimisations off for this module: compiling, not running, is what these
+  tiny models spend."""
+  with quick_compiles():
+    yield
+
+
 @pytest.fixture(scope="module")
-def decoder(tiny_tokenizers, tmp_path_factory):
+def decoder(tiny_tokenizers, tmp_path_factory, _quick_compiles):
   """A trained-for-one-step decoder saved as a workdir: (run, state, host batch)."""
   from unimm.train.loop import Run
   cfg = vq_decoder_config(tiny_tokenizers["vq"], data=1)
-  with quick_compiles():
-    run = Run(cfg, str(tmp_path_factory.mktemp("decoder")), devices=jax.devices()[:1])
-    state = run.trainer.init()
-    batch = next(run.data)
-    state, m = run.trainer.step(state, run.trainer.device_batch(batch), run.rng)
-    assert np.isfinite(float(m["loss"]))
-    run.ckpt.save(1, state, run.data, force=True)
-    run.ckpt.wait()
+  run = Run(cfg, str(tmp_path_factory.mktemp("decoder")), devices=jax.devices()[:1])
+  state = run.trainer.init()
+  batch = next(run.data)
+  state, m = run.trainer.step(state, run.trainer.device_batch(batch), run.rng)
+  assert np.isfinite(float(m["loss"]))
+  run.ckpt.save(1, state, run.data, force=True)
+  run.ckpt.wait()
   with open(os.path.join(run.workdir, "config.json"), "w") as f:
     f.write(cfg.to_json())
   return run, state, jax.device_get(batch)

@@ -15,7 +15,7 @@ from unimm.objectives import losses
 from unimm.sample import sampler_from_run
 from unimm.sampling.sampler import mar_schedule
 
-from helpers import assert_8_devices_equal_one, trained_on_one_batch
+from helpers import assert_8_devices_equal_one, quick_compiles, trained_on_one_batch
 from test_image_slot import _image, config
 
 
@@ -38,8 +38,16 @@ def test_reveal_schedule_and_mask_ratio_by_hand():
   np.testing.assert_array_equal(masked[0], np.asarray(batch["modality"][0]) == 2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _quick_compiles():
+  """XLA with most optimisations off for this module: compiling, not running, is what these
+  tiny models spend."""
+  with quick_compiles():
+    yield
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, _quick_compiles):
   cfg = config({}, kind="pixels", loss="mar")
   cfg.model.mar.update(head_width=32, head_depth=1, t_repeat=2)
   cfg.sample.update(steps=3, mask_steps=4, cfg_scale=2.0)
@@ -117,7 +125,8 @@ def test_mar_on_8_devices_equals_one_and_the_row_cap_is_exact(trained):
   def loss_grads(max_tokens):
     cfg = run.cfg.copy_and_resolve_references()
     cfg.model.mar.max_tokens = max_tokens
-    tr = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), run.trainer.vocab_size)
+    tr = (Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), run.trainer.vocab_size)
+          if max_tokens else run.trainer)  # (the fixture's trainer has no cap)
     loss, grads = tr.loss_and_grads(state["params"], tr.device_batch(batch), jax.random.key(5))
     return float(loss), jax.device_get(grads)
   full, capped, sub = loss_grads(0), loss_grads(cap), loss_grads(max(cap // 4, 1))
