@@ -2,6 +2,8 @@
 
 import contextlib
 
+import pytest
+
 from unimm.config import defaults
 
 
@@ -73,6 +75,14 @@ def quick_compiles():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_compiling_module():
+  """A module fixture (import it into a test module): XLA with most optimisations off for the
+  whole module, whose tiny models spend their time compiling, not running."""
+  with quick_compiles():
+    yield
 
 
 def trained_on_one_batch(cfg, workdir, steps=4):

@@ -19,7 +19,8 @@ from unimm.models.conditioning import gather
 from unimm.models.image_tokenizer import CodedPixels, RenderedCodes, encode_images, image_tokenizer
 from unimm.parallel import sharding as shd
 from unimm.train.step import Trainer
-from tests.helpers import assert_8_devices_equal_one, quick_compiles
+from tests.helpers import assert_8_devices_equal_one
+from tests.helpers import quick_compiling_module as _quick_compiles  # noqa: F401 (autouse)
 from tests.test_mmdit_train import decoder_config
 
 
@@ -27,14 +28,6 @@ def vq_decoder_config(vq_dir, **mesh):
   c = decoder_config(**mesh)
   c.model.condition.update(encoder="vq", tokenizer=vq_dir, depth=1)
   return c
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quick_compiles():
-  """XLA with most optimisations off for this module: compiling, not running, is what these
-  tiny models spend."""
-  with quick_compiles():
-    yield
 
 
 @pytest.fixture(scope="module")

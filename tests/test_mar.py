@@ -15,7 +15,8 @@ from unimm.objectives import losses
 from unimm.sample import sampler_from_run
 from unimm.sampling.sampler import mar_schedule
 
-from helpers import assert_8_devices_equal_one, quick_compiles, trained_on_one_batch
+from helpers import assert_8_devices_equal_one, trained_on_one_batch
+from helpers import quick_compiling_module as _quick_compiles  # noqa: F401 (autouse)
 from test_image_slot import _image, config
 
 
@@ -36,14 +37,6 @@ def test_reveal_schedule_and_mask_ratio_by_hand():
                image_ids=jnp.asarray([[0, 1, 1, 1, 1, 0] * 2]))
   masked = np.asarray(losses.mar_masked(jax.random.key(1), batch, 1.0))  # r = 1: every token
   np.testing.assert_array_equal(masked[0], np.asarray(batch["modality"][0]) == 2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quick_compiles():
-  """XLA with most optimisations off for this module: compiling, not running, is what these
-  tiny models spend."""
-  with quick_compiles():
-    yield
 
 
 @pytest.fixture(scope="module")
