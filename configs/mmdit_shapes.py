@@ -28,8 +28,10 @@ def get_config():
   c.model.mmdit.update(variant="flux", single_depth=2, axes_dims=(8, 12, 12), pooled_dim=128,
                        edit="concat")
   c.model.condition.update(encoder="text", depth=1)
+  # the text encoder reads word tokens (one id a word of the Shapes texts, as a BPE vocabulary
+  # gives common words): edits exactly right 0.611 / objects 0.712 against 0.556 / 0.692 over bytes
   c.data.update(image_size=32, seq_len=96, batch_size=16, docs_per_row=1, cfg_dropout=0.1,
-                image_dropout=0.1, two_object_prob=0.3)
+                image_dropout=0.1, two_object_prob=0.3, tokenizer="shapes")
   c.data.tasks = dict(t2i=0.45, edit=0.55)
   c.flow.shift = 8.0
   c.optim.update(lr=2e-3, warmup_steps=100)

@@ -18,4 +18,5 @@ from unimm.config import load_file
 def get_config():
   c = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmdit_shapes.py"))
   c.model.condition.update(encoder="metaquery", llm="runs/demo", depth=2)
+  c.data.tokenizer = "byte"  # the frozen LLM's (the demo's)
   return c

@@ -21,6 +21,7 @@ from unimm.errors import UserError
 from unimm.kernels.mask import aligned_source
 from unimm.parallel import sharding as shd
 from unimm.train.step import Trainer
+from tests.helpers import quick_compiling_module as _quick_compiles  # noqa: F401 (autouse)
 
 RTOL = 1e-5
 

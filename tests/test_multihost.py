@@ -17,6 +17,7 @@ import pytest
 
 from unimm.config import parse_args
 from unimm.train.loop import Run
+from tests.helpers import quick_compiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config", "configs/demo.py", "--config.model.width=32", "--config.model.depth=1",
@@ -34,8 +35,10 @@ def _free_port():
 def _launch(processes, devices, workdir, steps, logdir, *more):
   """`python -m unimm.train ... *more` as `processes` JAX processes of `devices` CPU devices
   each; its metrics by step."""
+  # most XLA optimisations off, as in this process (_train_here): these runs compile far more
+  # than they run
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0",
-             UNIMM_COORDINATOR_PORT=str(_free_port()))
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1", UNIMM_COORDINATOR_PORT=str(_free_port()))
   r = subprocess.run(
       ["bash", "launch/local.sh", "--processes", str(processes), "--devices", str(devices),
        "--logdir", str(logdir), "--", *ARGS, "--workdir", str(workdir),
@@ -54,9 +57,10 @@ def _metrics(workdir):
 def _train_here(workdir, steps, devices, *overrides):
   """The same run in this (one) process on `devices` of its CPU devices."""
   cfg, _ = parse_args([*ARGS, f"--config.train.steps={steps}", *overrides])
-  run = Run(cfg, str(workdir), devices=jax.devices()[:devices])
-  run.train(run.restore_or_init(), log=lambda *_: None)
-  run.ckpt.close()
+  with quick_compiles():
+    run = Run(cfg, str(workdir), devices=jax.devices()[:devices])
+    run.train(run.restore_or_init(), log=lambda *_: None)
+    run.ckpt.close()
   return _metrics(workdir)
 
 

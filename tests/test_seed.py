@@ -19,6 +19,7 @@ from unimm.models.conditioning import gather
 from unimm.parallel import sharding as shd
 from unimm.train.step import Trainer
 from tests.test_mmdit_train import decoder_config
+from tests.helpers import quick_compiling_module as _quick_compiles  # noqa: F401 (autouse)
 
 
 def seed_config(**mesh):

@@ -95,3 +95,27 @@ def test_tokenizer_without_pad_pads_with_eos(tmp_path):
   assert {tok.bos_id, tok.boi_id, tok.eoi_id} == {4, 5, 6}
   assert tok.vocab_size == 7
   assert all(t in tok.hf.get_vocab() for t in SPECIAL_TOKENS)
+
+
+def test_shapes_words_cover_every_shapes_text():
+  """The word-level Shapes tokenizer: one id a word, no <unk> in any Shapes text (three-object
+  scenes and stories included), captions / answers / instructions decode to themselves."""
+  from unimm.data.shapes import ShapesSource
+
+  words = load_tokenizer("shapes")
+  assert words.vocab_size < 64 and words.model_vocab_size() == 128
+  unk = words.hf.unk_token_id
+  assert len({words.bos_id, words.boi_id, words.eoi_id, words.eos_id, words.pad_id, unk}) == 6
+  source = ShapesSource(seed=3, two_object_prob=0.5, num_records=300)
+  for i in range(len(source)):
+    for seg in source[i]["segments"]:
+      if seg["kind"] != "text":
+        continue
+      ids = words.encode(seg["text"])
+      assert unk not in ids, seg["text"]
+      assert len(ids) == len(seg["text"].replace("?", " ?").split())
+      assert words.decode(ids) == seg["text"].strip().replace("?", " ?")
+  assert words.encode("a purple circle") == [words.encode("a")[0], unk, words.encode("circle")[0]]
+  again = pickle.loads(pickle.dumps(words))
+  assert again.spec == "shapes" and again.encode("move the square up") == words.encode(
+      "move the square up")

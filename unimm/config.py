@@ -177,7 +177,8 @@ def defaults() -> ml_collections.ConfigDict:
       cfg_dropout=0.1,     # drop the condition text of generation targets (classifier-free guidance)
       image_dropout=0.0,   # drop the condition images before a target, drawn independently of the text
                            # (InstructPix2Pix's three-way dropout: text, image, both; two-scale guidance)
-      tokenizer="byte",    # "byte" (needs no download) or a local tokenizer directory
+      tokenizer="byte",    # "byte" (needs no download), "shapes" (one id a word of the Shapes world's
+                           # texts; for Shapes recipes only) or a local tokenizer directory
       num_workers=0,       # Grain worker processes (0: in-process); a checkpoint resumes only with the same count
       shards=0,            # data streams the global batch is read from (0: one per process); fixed, the
                            # batches and a checkpoint's data state do not depend on the process count

@@ -1,9 +1,13 @@
 """Text tokenizer: a small wrapper around a transformers tokenizer.
 
 `load_tokenizer("byte")` (the default) is ByT5's byte-level tokenizer (no
-download: ids 0..2 are pad/eos/unk, byte b is id b + 3); any other spec is a
-local directory loaded with `transformers.AutoTokenizer`. Three special tokens
-are added when the tokenizer lacks them:
+download: ids 0..2 are pad/eos/unk, byte b is id b + 3); `"shapes"` is a
+word-level tokenizer (`tokenizers.models.WordLevel`) over the words the built-in
+Shapes world writes, one id a word or punctuation mark, as a BPE vocabulary
+gives common words one id each (other words become `<unk>`: for Shapes recipes
+only); any other spec is a local directory loaded with
+`transformers.AutoTokenizer`. Three special tokens are added when the
+tokenizer lacks them:
 
     <bos>  starts every document
     <boi>  opens an image (its patches follow)
@@ -98,6 +102,8 @@ def load_tokenizer(spec: str = "byte") -> Tokenizer:
 
   if spec == "byte":
     return Tokenizer(spec, transformers.ByT5Tokenizer(extra_ids=0))
+  if spec == "shapes":
+    return Tokenizer(spec, _shapes_words())
   hint = ("set data.tokenizer to 'byte' or a local directory holding tokenizer "
           "files (saved with tokenizer.save_pretrained)")
   if not os.path.isdir(str(spec)):
@@ -115,6 +121,33 @@ def load_tokenizer(spec: str = "byte") -> Tokenizer:
     raise UserError(f"tokenizer path {spec!r} has no vocabulary (only special tokens: its "
                     f"tokenizer.json or vocabulary files are missing): {hint}")
   return tok
+
+
+def _shapes_words():
+  """A word-level fast tokenizer whose vocabulary is every word and mark of the Shapes texts:
+  the captions, questions, answers and edit instructions of each one-object scene and of
+  a two- and a three-object one (" and ", "remove", "two", "three"), split as the tokenizer
+  splits them (words, punctuation marks)."""
+  import transformers
+  from tokenizers import Tokenizer as Fast, models, pre_tokenizers
+  from unimm.data import shapes
+
+  objs = [shapes.obj("red", "circle", "top"), shapes.obj("blue", "square", "left"),
+          shapes.obj("green", "triangle", "center")]
+  texts = []
+  for scene in [objs[:2], objs] + shapes.all_single_object_scenes():
+    texts.append(shapes.caption(scene))
+    for options in (shapes.questions(scene), shapes.edits(scene)):
+      for pairs in options.values():
+        texts += [part for pair in pairs for part in pair if isinstance(part, str)]
+  split = pre_tokenizers.Whitespace()
+  words = sorted({w for t in texts for w, _ in split.pre_tokenize_str(t)})
+  specials = ["<pad>", "</s>", "<unk>", *SPECIAL_TOKENS]
+  fast = Fast(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
+  fast.pre_tokenizer = split
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=fast, unk_token="<unk>", eos_token="</s>", pad_token="<pad>",
+      additional_special_tokens=list(SPECIAL_TOKENS))
 
 
 def _why(spec, error):
