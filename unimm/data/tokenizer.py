@@ -19,6 +19,7 @@ The wrapper pickles as its spec and is rebuilt on unpickle, so Grain worker
 processes get their own copy cheaply.
 """
 
+import functools
 import json
 import os
 
@@ -123,28 +124,36 @@ def load_tokenizer(spec: str = "byte") -> Tokenizer:
   return tok
 
 
-def _shapes_words():
-  """A word-level fast tokenizer whose vocabulary is every word and mark of the Shapes texts:
-  the captions, questions, answers and edit instructions of each one-object scene and of
-  a two- and a three-object one (" and ", "remove", "two", "three"), split as the tokenizer
-  splits them (words, punctuation marks)."""
-  import transformers
-  from tokenizers import Tokenizer as Fast, models, pre_tokenizers
+@functools.lru_cache(maxsize=1)
+def _shapes_vocabulary() -> tuple:
+  """Every word and mark of the Shapes texts, sorted: the captions, questions, answers and edit
+  instructions of each one-object scene and of a two- and a three-object one (" and ",
+  "remove", "two", "three"), split as the tokenizer splits them (words, punctuation marks).
+  Computed once a process (each of the loaders, the sampler and Grain's workers asks)."""
+  from tokenizers import pre_tokenizers
   from unimm.data import shapes
 
   objs = [shapes.obj("red", "circle", "top"), shapes.obj("blue", "square", "left"),
           shapes.obj("green", "triangle", "center")]
-  texts = []
+  texts = set()
   for scene in [objs[:2], objs] + shapes.all_single_object_scenes():
-    texts.append(shapes.caption(scene))
+    texts.add(shapes.caption(scene))
     for options in (shapes.questions(scene), shapes.edits(scene)):
       for pairs in options.values():
-        texts += [part for pair in pairs for part in pair if isinstance(part, str)]
+        texts.update(part for pair in pairs for part in pair if isinstance(part, str))
   split = pre_tokenizers.Whitespace()
-  words = sorted({w for t in texts for w, _ in split.pre_tokenize_str(t)})
+  return tuple(sorted({w for t in texts for w, _ in split.pre_tokenize_str(t)}))
+
+
+def _shapes_words():
+  """A word-level fast tokenizer (`tokenizers.models.WordLevel`) over `_shapes_vocabulary`."""
+  import transformers
+  from tokenizers import Tokenizer as Fast, models, pre_tokenizers
+
   specials = ["<pad>", "</s>", "<unk>", *SPECIAL_TOKENS]
-  fast = Fast(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
-  fast.pre_tokenizer = split
+  vocab = {w: i for i, w in enumerate(specials + list(_shapes_vocabulary()))}
+  fast = Fast(models.WordLevel(vocab, unk_token="<unk>"))
+  fast.pre_tokenizer = pre_tokenizers.Whitespace()
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=fast, unk_token="<unk>", eos_token="</s>", pad_token="<pad>",
       additional_special_tokens=list(SPECIAL_TOKENS))

@@ -204,7 +204,8 @@ def _decoder(path, ae):
   key = ("decoder", os.path.abspath(str(path)))
   if key not in _LOADED:
     from unimm.sample import _workdir_config, load_sampler  # pylint: disable=import-outside-toplevel
-    if not os.path.exists(os.path.join(str(path), "config.json")):
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    if not (epath.Path(path) / "config.json").exists():  # local or gs://, as _workdir_config
       raise UserError(f"model.image_decoder={path} holds no training workdir: train the decoder "
                       f"with python -m unimm.train --config configs/x_omni_decoder_shapes.py")
     cfg = _workdir_config({"workdir": path})
