@@ -2,9 +2,11 @@ import os
 
 # 8 fake CPU devices for the sharding tests; must be set before JAX is imported.
 # Tests compile far more than they run: XLA:CPU's backend optimisations (LLVM) cost more
-# compile time than they save (the suite runs in about 60% of the time without them).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0")
+# compile time than they save (the suite runs in about 60% of the time without them), and so
+# do its fusion emitters (tests/helpers.py).
+from tests.helpers import QUICK_XLA_FLAGS  # noqa: E402 (imports no JAX)
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {QUICK_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the run: the xdist controller imports this file first and
 # its workers, and the subprocesses tests start, inherit the variable, so a program compiled by

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from unimm.eval.shapes_eval import SCORE_KEYS
+from tests.helpers import QUICK_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.width=32", "--config.model.depth=1", "--config.model.heads=2",
@@ -19,7 +20,7 @@ TINY = ["--config.model.width=32", "--config.model.depth=1", "--config.model.hea
 
 
 # one device, and (as in conftest.py) compiles without XLA:CPU's backend optimisations
-XLA_FLAGS = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+XLA_FLAGS = f"--xla_force_host_platform_device_count=1 {QUICK_XLA_FLAGS}"
 
 
 def _run(*args):

@@ -1,4 +1,4 @@
-"""Learning is tested: a tiny model trained for 900 steps on Shapes must
+"""Learning is tested: a tiny model trained for 700 steps on Shapes (word tokens) must
 read images far better than chance (ShapesEval captions) and draw the asked-for colour
 more often than chance.
 
@@ -30,7 +30,8 @@ def test_tiny_model_learns_shapes(tmp_path):
 
 
 def train_and_score(workdir):
-  """ShapesEval scores of the tiny model after 900 steps in `workdir`."""
+  """ShapesEval scores of the tiny model after 700 steps in `workdir` (word tokens: captions
+  are learned in far fewer steps than over bytes; at 500 steps it is still at chance)."""
   import jax
   from unimm.eval.shapes_eval import ShapesEval
   from unimm.sample import sampler_from_run
@@ -38,9 +39,10 @@ def train_and_score(workdir):
   from tests.helpers import tiny_config
   cfg = tiny_config(**{
       "model.width": 64, "model.depth": 2, "model.heads": 2, "model.mlp_dim": 192,
-      "data.batch_size": 8, "data.seq_len": 128, "data.two_object_prob": 0.0,
+      "data.batch_size": 8, "data.seq_len": 64, "data.two_object_prob": 0.0,
+      "data.tokenizer": "shapes",
       "data.tasks": {"t2i": 0.6, "caption": 0.4},
-      "train.steps": 900, "train.log_every": 900, "train.ckpt_every": 10_000,
+      "train.steps": 700, "train.log_every": 700, "train.ckpt_every": 10_000,
       "optim.warmup_steps": 30, "flow.loss_weight": 3.0, "sample.cfg_scale": 4.0,
       "sample.steps": 10, "sample.max_new_tokens": 32})
   run = Run(cfg, workdir, devices=jax.devices()[:1])

@@ -142,6 +142,33 @@ def test_edit_source_reaches_the_edit_target(vocab_size):
     build_model(c, vocab_size=vocab_size)
 
 
+def test_text_len_reads_the_first_text_tokens_and_counts_the_rows_it_cuts(vocab_size, np_batch):
+  """model.condition.text_len: a text stream as long as the longest text predicts what the
+  full-row stream does; a shorter one reads each row's first text tokens and counts the rows
+  whose text it cuts."""
+  from unimm.train.step import build_model
+  batch = jax.tree.map(jnp.asarray, np_batch)
+  text = np_batch["modality"] == TEXT
+  counts = (text & (np_batch["segment_ids"] > 0)).sum(1)
+  idx = np.nonzero(np_batch["modality"][0] == NOISED_IMAGE)[0]
+  x_t = jax.random.normal(jax.random.key(1), (len(counts), len(idx), np_batch["patches"].shape[-1]))
+  t = jnp.linspace(0.2, 0.9, len(counts))
+  out = {}
+  for n in (0, int(counts.max()), int(np.median(counts))):
+    cfg = mmdit_config(data=1)
+    cfg.model.condition.text_len = n
+    model, _ = build_model(cfg, vocab_size, seed=0)
+    out[n] = (np.asarray(model(batch, x_t, t)), model.row_counts(batch),
+              np.asarray(model.text_positions(batch)[0]))
+  full, longest, short = out[0], out[int(counts.max())], out[int(np.median(counts))]
+  np.testing.assert_allclose(longest[0], full[0], rtol=1e-5, atol=1e-6)
+  assert int(full[1]["text_cut"]) == int(longest[1]["text_cut"]) == 0
+  k = short[2].shape[1]
+  assert int(short[1]["text_cut"]) == int((counts > k).sum()) > 0
+  for row, first in zip(text & (np_batch["segment_ids"] > 0), short[2]):
+    assert first[:min(k, row.sum())].tolist() == np.nonzero(row)[0][:k].tolist()
+
+
 def test_mmdit_on_8_devices_equals_one(vocab_size, np_batch, single):
   params = single.init()["params"]
   loss1, grads1 = single.loss_and_grads(params, single.device_batch(np_batch), jax.random.key(3))

@@ -17,7 +17,7 @@ import pytest
 
 from unimm.config import parse_args
 from unimm.train.loop import Run
-from tests.helpers import quick_compiles
+from tests.helpers import QUICK_XLA_FLAGS, quick_compiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config", "configs/demo.py", "--config.model.width=32", "--config.model.depth=1",
@@ -37,7 +37,7 @@ def _launch(processes, devices, workdir, steps, logdir, *more):
   each; its metrics by step."""
   # most XLA optimisations off, as in this process (_train_here): these runs compile far more
   # than they run
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0",
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=QUICK_XLA_FLAGS,
              JAX_DISABLE_MOST_OPTIMIZATIONS="1", UNIMM_COORDINATOR_PORT=str(_free_port()))
   r = subprocess.run(
       ["bash", "launch/local.sh", "--processes", str(processes), "--devices", str(devices),

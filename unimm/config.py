@@ -110,6 +110,9 @@ def defaults() -> ml_collections.ConfigDict:
                             # or "vq" (the target image's codes of the VQ tokenizer in `tokenizer`:
                             # X-Omni's diffusion decoder, rendering codes an LLM generates)
           llm="",           # llm / metaquery: the workdir of a trained unified model (frozen)
+          text_len=0,       # text / llm: the text stream's length (0: every text position a row can
+                            # hold besides the target); a longer text keeps its first text_len tokens,
+                            # its rows counted in the train metric text_cut
           tokenizer="",     # vq: the workdir of a VQ tokenizer (python -m unimm.train.autoencoder), frozen
           depth=2,          # blocks of the text / code encoder, the connector or seed's causal Q-Former
           queries=16,       # seed: codes an image (a square number: the LLM's grid of them)

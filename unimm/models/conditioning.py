@@ -233,6 +233,7 @@ class DiffusionModel(nnx.Module):
     self.tokens = int(patcher.num_patches)  # N: the target image's tokens
     self.references = int(m.mmdit.references) if self.edit == "kontext" else 0
     self.prediction, self.t_min = m.prediction, float(cfg.flow.t_min)
+    self.text_len = int(m.condition.get("text_len", 0))
     w = m.width
     mcfg = m.copy_and_resolve_references()
     context = w
@@ -294,16 +295,29 @@ class DiffusionModel(nnx.Module):
     first, last = run_bounds(jnp.where(clean, seg * MAX_IMAGE + image, -1 - jnp.arange(image.shape[1])))
     return first_positions(clean & (last - first + 1 == self.tokens), self.references * self.tokens)
 
-  def edit_counts(self, batch):
+  def text_positions(self, batch):
+    """The text stream's positions in the row: the first model.condition.text_len text tokens
+    (0: as many as the row can hold besides the target); (index [B, T], valid [B, T], the
+    row's count of text tokens [B])."""
+    text = (batch["modality"] == TEXT) & (batch["segment_ids"] > 0)
+    idx, ok = first_positions(text, self.text_len or text.shape[1] - self.tokens)
+    return idx, ok, jnp.sum(text, axis=1)
+
+  def row_counts(self, batch):
     """Metrics: rows whose target has a condition image before it (edits), and of those the
-    rows whose source image has another size than the target (never used misaligned)."""
+    rows whose source image has another size than the target (never used misaligned); rows
+    whose text is longer than the text stream (text_cut: its first text_len tokens are read)."""
+    out = {}
+    if self.encoder_kind in ("text", "llm"):
+      idx, _, count = self.text_positions(batch)
+      out["text_cut"] = jnp.sum(count > idx.shape[1])
     idx, ok = self.target_tokens(batch)
     _, has = aligned_source(batch["segment_ids"], batch["modality"], batch["image_ids"])
     clean = (batch["modality"] == CLEAN_IMAGE) & (batch["image_ids"] > 0)
     first = idx[:, 0]
     before = jnp.any(clean & (jnp.arange(clean.shape[1]) < first[:, None]), axis=1) & ok[:, 0]
     aligned = jnp.take_along_axis(has, first[:, None], axis=1)[:, 0]
-    return {"edit_rows": jnp.sum(before), "edit_unaligned": jnp.sum(before & ~aligned)}
+    return dict(out, edit_rows=jnp.sum(before), edit_unaligned=jnp.sum(before & ~aligned))
 
   def start_queries(self):
     """MetaQuery: the queries become the frozen LLM's own input at a target image's positions
@@ -324,9 +338,8 @@ class DiffusionModel(nnx.Module):
   def condition(self, batch, target_idx, target_ok):
     """(features [B, Lt, C], mask [B, Lt]) of the text stream."""
     tokens, modality = batch["tokens"], batch["modality"]
-    text = (modality == TEXT) & (batch["segment_ids"] > 0)
     if self.encoder_kind == "text":
-      idx, ok = first_positions(text, tokens.shape[1] - self.tokens)
+      idx, ok, _ = self.text_positions(batch)
       return self.text_encoder(gather(tokens, idx), ok), ok
     if self.encoder_kind in ("seed", "vq"):  # the target itself: its codes (a decoder)
       features = (self.seed(gather(batch["patches"], target_idx)) if self.encoder_kind == "seed"
@@ -342,7 +355,7 @@ class DiffusionModel(nnx.Module):
                               batch["image_ids"], batch["patch_index"], batch["segment_ids"],
                               batch["positions"], replace=replace, embeds=embeds)
     if self.encoder_kind == "llm":
-      idx, ok = first_positions(text, tokens.shape[1] - self.tokens)
+      idx, ok, _ = self.text_positions(batch)
       return jax.lax.stop_gradient(gather(h, idx)), ok
     q = gather(h, target_idx).astype(self.connector_in.value.dtype) @ self.connector_in.value
     return self.connector(q, target_ok), target_ok

@@ -358,6 +358,7 @@ def mmdit_loss(model, batch, rng, cfg):
   """Flow matching of the MMDiT (`unimm.models.conditioning.DiffusionModel`) on the first target
   image of each row (one document per row): t per row (logit-normal, shifted by flow.shift_kind),
   x_t = (1 - t) x0 + t eps, loss |v - (eps - x0)|^2 averaged over the target tokens.
+  text_cut counts the rows whose text the text stream cuts (model.condition.text_len);
   edit_rows / edit_unaligned count the rows whose target has a condition image before it and,
   of those, the ones whose source has another size (never used misaligned: it is left out)."""
   rng_t, rng_eps = jax.random.split(rng)
@@ -372,7 +373,7 @@ def mmdit_loss(model, batch, rng, cfg):
                          cfg.flow.t_min)
   fm, n_img = flow_loss(v_pred, eps - x0, ok.astype(jnp.float32))
   metrics = {"loss": fm, "flow": fm, "image_tokens": n_img}
-  metrics.update(model.edit_counts(batch))
+  metrics.update(model.row_counts(batch))
   loss = fm
   if model.encoder_kind == "seed" and cfg.model.condition.recon_weight:
     recon = model.seed.recon_loss(x0, ok[:, 0], model.seed.sown_codes())

@@ -206,14 +206,17 @@ def run_faults(workdir, train_args, kills=20, save_kills=5, sigterm=1, kill_ever
         start.kill()
     elif kind == "random":  # while starting (restoring, compiling) or at a random moment of
       # a random step, 3 steps before the last at the latest (the next kill needs an unfinished run)
+      # (not while starting when it found a killed save's folder: it reaches training, so that
+      # its report of the partial save is checked; killed while starting, it may have removed
+      # the folder already, and no later start would find one to report)
       remaining = ref_steps - start.resumed_from
-      if rng.random() < 0.25 or remaining < 5:
+      if (rng.random() < 0.25 or remaining < 5) and not start.partial_at_start:
         at = rng.uniform(0, startup)  # (the reference's, with cold compiles: at the latest the
         # moment the first batch is fetched)
         reached = poll_until(lambda: time.time() - start.t0 > at or start.trained() >= 1, start,
                              0.005)
       else:
-        target, extra = rng.randint(1, min(span, remaining - 4)), rng.uniform(0, step_time)
+        target, extra = rng.randint(1, max(1, min(span, remaining - 4))), rng.uniform(0, step_time)
         reached = poll_until(lambda: start.trained() >= target, start, 0.005)
         time.sleep(extra)
       if reached:
