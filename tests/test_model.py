@@ -174,6 +174,25 @@ def test_unshifted_share_of_time_draws():
   assert abs(is_plain.mean() - 0.25) < 0.03
 
 
+def test_max_weight_caps_the_weight_of_an_x0_error():
+  """flow.max_weight: an x0 prediction off by d at t costs d^2 / t^2 in the velocity loss, at
+  most max_weight d^2; velocity predictions and max_weight 0 are left as they are."""
+  from unimm.objectives.losses import flow_loss
+  cfg = tiny_config(**{"model.prediction": "x0", "flow.max_weight": 4.0})
+  t = jnp.asarray([[0.05, 0.25, 0.5, 0.9]])
+  x0, eps, d = jnp.zeros((1, 4, 3)), jnp.ones((1, 4, 3)), 0.1
+  x_t = flow.add_noise(x0, eps, t)
+  v = flow.velocity(x0 + d, x_t, t, "x0", cfg.flow.t_min)
+  for i, want in enumerate([4.0, 4.0, 4.0, 1 / 0.81]):  # min(1 / t^2, 4) d^2
+    one = jnp.arange(4)[None] == i
+    loss, _ = flow_loss(v, eps - x0, one.astype(jnp.float32), t, cfg)
+    np.testing.assert_allclose(float(loss), want * d * d, rtol=1e-5)
+  cfg.flow.max_weight = 0.0
+  loss, _ = flow_loss(v, eps - x0, (jnp.arange(4)[None] == 0).astype(jnp.float32), t, cfg)
+  np.testing.assert_allclose(float(loss), 400 * d * d, rtol=1e-5)
+  assert flow.loss_scale(t, cfg.flow, "velocity") == 1.0
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_step_keeps_float32_master_weights(dtype):
   from unimm.data.pipeline import make_iterator

@@ -212,6 +212,8 @@ def defaults() -> ml_collections.ConfigDict:
       max_shift=1.15,      # flux: mu at 4096 image tokens
       unshifted_prob=0.0,  # this share of the t draws is left unshifted (a mixture of both densities)
       t_min=0.05,          # clamp of t when converting an x0 prediction to velocity
+      max_weight=0.0,      # x0 prediction: cap on the weight 1/t^2 its x0 error gets in the velocity
+                           # loss (0: none)
   )
   c.optim = dict(
       lr=3e-3,

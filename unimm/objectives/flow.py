@@ -78,6 +78,17 @@ def velocity(pred, x_t, t, prediction, t_min):
   raise ValueError(f"model.prediction must be 'velocity' or 'x0', got {prediction!r}")
 
 
+def loss_scale(t, flow_cfg, prediction):
+  """The velocity error of an x0 prediction is its x0 error times 1 / t^2 (v = (x_t - x0) / t):
+  400 at t = 0.05. flow.max_weight (> 0) caps that weight, scaling the error by
+  min(1, max_weight t^2), so that the rare draws near t = 0 (flow.unshifted_prob) do not
+  outweigh, through gradient clipping, the rest of the batch. 1 for velocity predictions."""
+  cap = float(getattr(flow_cfg, "max_weight", 0.0))
+  if prediction != "x0" or cap <= 0.0:
+    return 1.0
+  return jnp.minimum(1.0, cap * jnp.square(jnp.maximum(t, flow_cfg.t_min)))
+
+
 def euler_schedule(steps, alpha):
   """t from 1 to 0 in `steps` Euler steps, shifted like training."""
   return shift_time(jnp.linspace(1.0, 0.0, steps + 1), alpha)

@@ -74,8 +74,12 @@ def _nll(model, h, cfg, *targets):
   return token_nll(h, model.head(), targets, int(getattr(cfg.model, "ce_chunk", 0)))
 
 
-def flow_loss(v_pred, v_target, noised):
+def flow_loss(v_pred, v_target, noised, t=None, cfg=None):
+  """(mean squared velocity error over the `noised` tokens, their count); with t and cfg, an x0
+  prediction's error at small t is weighted by at most flow.max_weight (flow.loss_scale)."""
   err = jnp.mean(jnp.square(v_pred - v_target), axis=-1)
+  if cfg is not None:
+    err = err * flow.loss_scale(t, cfg.flow, cfg.model.prediction)
   count = jnp.sum(noised)
   return jnp.sum(err * noised) / jnp.maximum(count, 1.0), count
 
@@ -325,7 +329,7 @@ def mar_loss(model, batch, rng, cfg):
     eps = jnp.take_along_axis(eps, idx[None, ..., None], 2)
   x_t = flow.add_noise(x0[None], eps, t)
   v = flow.velocity(model.mar_head(x_t, t, z[None]), x_t, t, cfg.model.prediction, cfg.flow.t_min)
-  fm, n_img = flow_loss(v, eps - x0[None], jnp.broadcast_to(w, t.shape).astype(jnp.float32))
+  fm, n_img = flow_loss(v, eps - x0[None], jnp.broadcast_to(w, t.shape).astype(jnp.float32), t, cfg)
   ((nll, correct),) = _nll(model, h, cfg, batch["targets"])
   ce, n_text, n_correct = next_token_loss(nll, correct, batch["loss_mask"].astype(jnp.float32))
   loss = ce + cfg.flow.loss_weight * fm
@@ -347,7 +351,7 @@ def flow_matching_loss(model, batch, rng, cfg):
   v_pred = flow.velocity(pred, x_t, t, cfg.model.prediction, cfg.flow.t_min)
   ((nll, correct),) = _nll(model, h, cfg, batch["targets"])
   ce, n_text, n_correct = next_token_loss(nll, correct, batch["loss_mask"].astype(jnp.float32))
-  fm, n_img = flow_loss(v_pred, eps - x0, noised.astype(jnp.float32))
+  fm, n_img = flow_loss(v_pred, eps - x0, noised.astype(jnp.float32), t, cfg)
   loss = ce + cfg.flow.loss_weight * fm
   metrics = {"loss": loss, "ce": ce, "flow": fm, "text_tokens": n_text, "image_tokens": n_img,
              "token_accuracy": n_correct / jnp.maximum(n_text, 1.0)}
@@ -369,9 +373,9 @@ def mmdit_loss(model, batch, rng, cfg):
   eps = jax.random.normal(rng_eps, x0.shape, jnp.float32)
   x_t = flow.add_noise(x0, eps, t[:, None])
   pred = model(batch, x_t, t)
-  v_pred = flow.velocity(pred, x_t, jnp.broadcast_to(t[:, None], ok.shape), cfg.model.prediction,
-                         cfg.flow.t_min)
-  fm, n_img = flow_loss(v_pred, eps - x0, ok.astype(jnp.float32))
+  t_tok = jnp.broadcast_to(t[:, None], ok.shape)
+  v_pred = flow.velocity(pred, x_t, t_tok, cfg.model.prediction, cfg.flow.t_min)
+  fm, n_img = flow_loss(v_pred, eps - x0, ok.astype(jnp.float32), t_tok, cfg)
   metrics = {"loss": fm, "flow": fm, "image_tokens": n_img}
   metrics.update(model.row_counts(batch))
   loss = fm
