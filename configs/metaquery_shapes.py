@@ -18,8 +18,10 @@ from unimm.config import load_file
 
 def get_config():
   c = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmdit_shapes.py"))
-  c.model.condition.update(encoder="metaquery", llm="runs/demo", depth=2)
-  c.data.tokenizer = "byte"  # the frozen LLM's (the demo's)
+  c.model.condition.update(encoder="metaquery", llm="runs/demo", depth=2, text_len=0)
+  # the frozen LLM's tokenizer, patches and row length (the demo's)
+  c.data.update(tokenizer="byte", seq_len=96)
+  c.model.patch_size = 8
   c.model.mmdit.update(edit="none")
   c.model.edit_source = "none"  # text to image only
   c.data.tasks = dict(t2i=1.0)
