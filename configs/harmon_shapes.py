@@ -24,6 +24,7 @@ def get_config():
   c.model.update(image_loss="mar", edit_source="none")
   c.data.tasks.update(t2i=0.5, caption=0.25, qa=0.15, edit=0.05, story=0.05)
   c.flow.shift = 1.0  # per-token t, as MAR's diffusion head trains
+  c.flow.update(unshifted_prob=0.0, max_weight=0.0)  # as measured (before the demo's t mixture)
   # the MLP trains on the masked tokens only (<= 96 of a row's 256 positions; 37 on average)
   c.model.mar.update(head_width=128, t_repeat=4, max_tokens=96)
   c.sample.update(mask_steps=8)
