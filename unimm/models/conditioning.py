@@ -295,13 +295,15 @@ class DiffusionModel(nnx.Module):
     first, last = run_bounds(jnp.where(clean, seg * MAX_IMAGE + image, -1 - jnp.arange(image.shape[1])))
     return first_positions(clean & (last - first + 1 == self.tokens), self.references * self.tokens)
 
-  def text_positions(self, batch):
-    """The text stream's positions in the row: the first model.condition.text_len text tokens
-    (0: as many as the row can hold besides the target); (index [B, T], valid [B, T], the
-    row's count of text tokens [B])."""
+  def _text(self, batch):
+    """(the row's text tokens [B, L], the text stream's length: model.condition.text_len, or
+    0 for as many as the row can hold besides the target)."""
     text = (batch["modality"] == TEXT) & (batch["segment_ids"] > 0)
-    idx, ok = first_positions(text, self.text_len or text.shape[1] - self.tokens)
-    return idx, ok, jnp.sum(text, axis=1)
+    return text, self.text_len or text.shape[1] - self.tokens
+
+  def text_positions(self, batch):
+    """The text stream's positions in the row, its first text tokens: (index [B, T], valid)."""
+    return first_positions(*self._text(batch))
 
   def row_counts(self, batch):
     """Metrics: rows whose target has a condition image before it (edits), and of those the
@@ -309,8 +311,8 @@ class DiffusionModel(nnx.Module):
     whose text is longer than the text stream (text_cut: its first text_len tokens are read)."""
     out = {}
     if self.encoder_kind in ("text", "llm"):
-      idx, _, count = self.text_positions(batch)
-      out["text_cut"] = jnp.sum(count > idx.shape[1])
+      text, length = self._text(batch)
+      out["text_cut"] = jnp.sum(jnp.sum(text, axis=1) > length)
     idx, ok = self.target_tokens(batch)
     _, has = aligned_source(batch["segment_ids"], batch["modality"], batch["image_ids"])
     clean = (batch["modality"] == CLEAN_IMAGE) & (batch["image_ids"] > 0)
@@ -339,7 +341,7 @@ class DiffusionModel(nnx.Module):
     """(features [B, Lt, C], mask [B, Lt]) of the text stream."""
     tokens, modality = batch["tokens"], batch["modality"]
     if self.encoder_kind == "text":
-      idx, ok, _ = self.text_positions(batch)
+      idx, ok = self.text_positions(batch)
       return self.text_encoder(gather(tokens, idx), ok), ok
     if self.encoder_kind in ("seed", "vq"):  # the target itself: its codes (a decoder)
       features = (self.seed(gather(batch["patches"], target_idx)) if self.encoder_kind == "seed"
@@ -355,7 +357,7 @@ class DiffusionModel(nnx.Module):
                               batch["image_ids"], batch["patch_index"], batch["segment_ids"],
                               batch["positions"], replace=replace, embeds=embeds)
     if self.encoder_kind == "llm":
-      idx, ok, _ = self.text_positions(batch)
+      idx, ok = self.text_positions(batch)
       return jax.lax.stop_gradient(gather(h, idx)), ok
     q = gather(h, target_idx).astype(self.connector_in.value.dtype) @ self.connector_in.value
     return self.connector(q, target_ok), target_ok
