@@ -94,6 +94,9 @@ def test_unified_model_renders_its_codes_through_the_decoder(decoder, tiny_token
   images = grid.decode(codes + grid.code_offset)
   assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(images, load_sampler(run.workdir).render_codes(codes))
+  vq = grid.vq_decode(codes + grid.code_offset)  # GRPO's cheap reward render: the VQ decoder
+  np.testing.assert_array_equal(vq, grid.vq.decode(codes.reshape(2, grid.grid, grid.grid)))
+  assert not np.array_equal(vq, images)
   saved = json.loads(run.cfg.to_json())
   for k, change in enumerate(({"tokenizer": tiny_tokenizers["vae"]}, {"encoder": "text"})):
     other = tmp_path / str(k)

@@ -26,6 +26,12 @@ def test_group_advantages_and_kl_by_hand():
   np.testing.assert_allclose(adv[8:], np.array([0.75, -0.25, -0.25, -0.25]) / (std + grpo.ADV_EPS))
   lp, ref = jnp.log(jnp.array([0.5, 0.25])), jnp.log(jnp.array([0.25, 0.25]))
   np.testing.assert_allclose(grpo.k3_kl(lp, ref), [0.5 - np.log(0.5) - 1, 0.0], rtol=1e-6)
+  # PPO's clip: rho 1.5 with A > 0 counts 1.2 A; rho 0.5 with A < 0 counts -0.8 |A|; rho 0.9 with
+  # A > 0 and rho 1.1 with A < 0 count as they are (the min keeps the worse of the two)
+  old = jnp.zeros((2, 2))
+  got = grpo.clipped_surrogate(jnp.log(jnp.array([[1.5, 0.9], [0.5, 1.1]])), old,
+                               jnp.array([2.0, -1.0]), 0.2)
+  np.testing.assert_allclose(got, [[2.4, 1.8], [-0.8, -1.1]], rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +68,44 @@ def test_policy_logprobs_are_the_samplers_code_distribution(init_run):
 
 
 def test_grpo_cli_runs_iterations_and_checkpoints(init_run, tmp_path):
-  """Two iterations of 2 prompts x 2 samples: a row each in grpo.jsonl (KL 0 at the first:
-  the policy starts as the reference), a checkpoint that the sampler reads."""
+  """Two iterations of 2 prompts x 2 samples, two updates each (the second on PPO's clipped
+  ratio), rewarded off the VQ decoder's images: a row each in grpo.jsonl (KL 0 at the first:
+  the policy starts as the reference), a checkpoint of the 4 updates that the sampler reads."""
   _, _, _, init = init_run
   out = tmp_path / "grpo"
   small = ["--config.grpo.steps=2", "--config.grpo.prompts=2", "--config.grpo.group=2",
-           "--config.grpo.lr=0.01", "--no_eval"]
+           "--config.grpo.lr=0.01", "--config.grpo.reward_render=vq", "--config.grpo.updates=2",
+           "--no_eval"]
   grpo.main(["--init", init, "--workdir", str(out)] + small)  # the config: init's config.json
   rows = [json.loads(line) for line in (out / "grpo.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [1, 2]
+  assert [r["iteration"] for r in rows] == [1, 2]
   assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[1]["kl"] >= 0
   assert 0 <= rows[0]["reward"] <= 1
   from unimm.sample import load_sampler
+  assert max(int(d.name) for d in (out / "checkpoints").iterdir() if d.name.isdigit()) == 4
   restored = jax.tree.leaves(load_sampler(str(out)).params)  # the training checkpoint format
   assert restored and all(np.isfinite(np.asarray(x)).all() for x in restored)
   with pytest.raises(UserError, match="--init WORKDIR"):
     grpo.main(["--workdir", str(tmp_path / "x")] + small)
+  with pytest.raises(UserError, match="grpo.reward_render='pixels': use 'model' or 'vq'"):
+    grpo.main(["--init", init, "--workdir", str(tmp_path / "y"), "--config.grpo.reward_render=pixels"])
+
+
+def test_policy_scores_average_the_draws_over_every_one_object_scene():
+  """The rollout-setting eval scores ShapesEval's 162 one-object prompts (each colour x shape x
+  position once) at seeds seed and seed + 1 and averages: a policy right at even seeds only
+  scores 0.5."""
+  from unimm.data import shapes
+  from unimm.eval.shapes_eval import ShapesEval
+  truth = {shapes.caption(s): s for s in ShapesEval(seed=6, image_size=32, n_single=162).single}
+  assert len(truth) == 162
+
+  class Half:
+    def text_to_image(self, prompts, seed):
+      if seed % 2:
+        return np.zeros((len(prompts), 32, 32, 3), np.uint8)
+      return np.stack([shapes.render(truth.get(p) or [], 32) for p in prompts])
+
+  got = grpo.policy_scores(Half(), 32, seed=6)
+  assert got["t2i_single/all"] == pytest.approx(0.5) and got["t2i_single/color"] == pytest.approx(0.5)
+  assert "t2i_double/objects" in got and not any(k.startswith(("chance/", "oracle/")) for k in got)

@@ -263,8 +263,13 @@ def defaults() -> ml_collections.ConfigDict:
       temperature=1.0,     # code sampling temperature of the rollouts (and of log pi)
       kl_weight=0.04,      # beta of the k3 KL to the reference
       lr=1e-4,             # AdamW learning rate (constant: no warmup; cosine to optim.final_lr_fraction)
-      steps=1000,          # iterations (one rollout and one update each)
+      steps=1000,          # iterations (one rollout and `updates` AdamW steps each)
+      updates=1,           # AdamW steps on each rollout (GRPO's mu): the first on-policy, the rest on
+                           # PPO's clipped ratio to the rollout's policy
+      clip=0.2,            # PPO's ratio clip (epsilon)
       time_limit_s=0.0,    # >0: stop (and checkpoint) after this many seconds
+      reward_render="model",  # images the reward reads: "model" (as samples are rendered: by
+                              # model.image_decoder where set) or "vq" (the tokenizer's decoder)
   )
   c.eval = dict(
       seed=1234,

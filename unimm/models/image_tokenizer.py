@@ -65,6 +65,11 @@ class CodeTokens(CodeGrid):
 
   def decode(self, ids, grid=None):
     """Token ids [..., N] -> uint8 images; ids outside the codes (text, mask) become code 0."""
+    return self.vq_decode(ids, grid)
+
+  def vq_decode(self, ids, grid=None):
+    """`decode` by the tokenizer's own decoder, also where a diffusion decoder renders
+    the samples (`RenderedCodes`): one convolutional pass."""
     rows, cols = grid or (self.grid, self.grid)
     codes = _codes(self, ids).reshape(-1, rows, cols)
     return self.vq.decode(codes).reshape(*np.shape(ids)[:-1], rows * self.patch_size,
