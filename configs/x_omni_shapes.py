@@ -26,7 +26,7 @@ from unimm.config import load_file
 def get_config():
   c = load_file(os.path.join(os.path.dirname(__file__), "early_fusion_shapes.py"))
   c.model.image_decoder = "runs/x_omni_decoder"
-  c.train.update(steps=600, time_limit_s=330.0)
+  c.train.update(steps=900, time_limit_s=330.0)
   # no edit bar here: the early-fusion edit share goes to captions, learned in these 900 steps
   c.data.tasks.update(t2i=0.45, caption=0.3, qa=0.15, edit=0.05, story=0.05)
   # 16 prompts x 8 rewarded off the VQ decoder; lr 4e-4 (and 2 updates a rollout) learned less
