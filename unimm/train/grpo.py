@@ -4,8 +4,8 @@ recipe), with ShapesEval's image parser as the reward.
     python -m unimm.train.grpo --init runs/x_omni --workdir runs/x_omni_grpo [--config FILE]
 
 The config is the starting workdir's (its config.json) unless --config names a file; the
-`grpo` fields (prompts, group, temperature, kl_weight, lr, steps, time_limit_s, reward_render)
-take overrides.
+`grpo` fields (prompts, group, temperature, kl_weight, lr, steps, updates, clip, time_limit_s,
+reward_render) take overrides.
 
 Each iteration draws grpo.prompts one-object Shapes prompts (training scenes, not the eval's),
 samples grpo.group images per prompt from the current policy (codes at grpo.temperature, no
@@ -16,7 +16,8 @@ diffusion decoder takes 25 ODE steps). Advantages are normalised within each pro
 group, A = (r - mean) / (std + 1e-4) (GRPO, DeepSeekMath), and grpo.updates AdamW steps (GRPO's
 mu) minimise
 
-    mean over the sampled codes of  -min(rho A, clip(rho, 1 - eps, 1 + eps) A)  +  beta * KL_k3(pi || pi_ref)
+    mean over the sampled codes of
+        -min(rho A, clip(rho, 1 - eps, 1 + eps) A)  +  beta * KL_k3(pi || pi_ref)
 
 rho = pi / pi_old, pi_old the policy that drew the rollout (the first step is on-policy: rho = 1,
 the gradient A grad log pi), eps = grpo.clip; k3 = e^d - d - 1, d = log pi_ref - log pi, per
