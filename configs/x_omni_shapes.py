@@ -14,11 +14,11 @@ Measured 2026-12-01 (2-core CPU; tokenizer 44.5 dB, decoder 1833 steps): 900 ste
 t2i colour 0.981, shape 0.852, position 1.000, captions 1.000 (rendered by the tokenizer's own
 decoder instead, --config.model.image_decoder='': shape 0.981).
 
-GRPO over it (16 prompts x 8 samples an iteration, rewarded off the VQ decoder's images, 91
+GRPO over it (16 prompts x 8 samples an iteration, rewarded off the VQ decoder's images, 99
 iterations in 9 min): text to image as the policy samples (temperature 1, no guidance; every
-one-object scene twice) all three right 0.599 -> 0.679, KL 0.03 a code; at the recipe's
-sampling (temperature 0.7, guidance 1.5) it was already at the decoder's round trip (0.852):
-0.821 -> 0.843 on the same 324 draws. The supervised stage is `early_fusion_shapes` with fewer
+one-object scene twice; `eval_policy.json`) all three right 0.630 -> 0.682, KL 0.036 a code
+(an earlier run on other draws: 0.599 -> 0.679); at the recipe's sampling (temperature 0.7,
+guidance 1.5) it was already at the decoder's round trip (0.852): 0.833 -> 0.833. The supervised stage is `early_fusion_shapes` with fewer
 steps; 600 left more room (0.364 as the policy samples) but GRPO won less there (0.395).
 """
 
