@@ -18,8 +18,9 @@ GRPO over it (16 prompts x 8 samples an iteration, rewarded off the VQ decoder's
 iterations in 9 min): text to image as the policy samples (temperature 1, no guidance; every
 one-object scene twice; `eval_policy.json`) all three right 0.630 -> 0.682, KL 0.036 a code
 (an earlier run on other draws: 0.599 -> 0.679); at the recipe's sampling (temperature 0.7,
-guidance 1.5) it was already at the decoder's round trip (0.852): 0.833 -> 0.833. The supervised stage is `early_fusion_shapes` with fewer
-steps; 600 left more room (0.364 as the policy samples) but GRPO won less there (0.395).
+guidance 1.5) it was already at the decoder's round trip (0.852): 0.833 -> 0.833. The
+supervised stage is `early_fusion_shapes` with fewer steps; 600 left more room (0.364 as the
+policy samples) but GRPO won less there (0.395).
 """
 
 import os

@@ -106,6 +106,6 @@ def test_policy_scores_average_the_draws_over_every_one_object_scene():
         return np.zeros((len(prompts), 32, 32, 3), np.uint8)
       return np.stack([shapes.render(truth.get(p) or [], 32) for p in prompts])
 
-  got = grpo.policy_scores(Half(), 32, seed=6)
+  got = grpo.policy_scores(Half(), grpo.policy_bench(32, 6), seed=6)
   assert got["t2i_single/all"] == pytest.approx(0.5) and got["t2i_single/color"] == pytest.approx(0.5)
   assert "t2i_double/objects" in got and not any(k.startswith(("chance/", "oracle/")) for k in got)

@@ -70,13 +70,17 @@ def rewards_of(images, scenes):
   return np.asarray(out)
 
 
-def policy_scores(sampler, image_size, seed, repeats=ROLLOUT_EVAL_REPEATS):
+def policy_bench(image_size, seed):
+  """ShapesEval with every one-object scene once (`policy_scores`' prompts)."""
+  from unimm.eval.shapes_eval import ShapesEval  # pylint: disable=import-outside-toplevel
+  return ShapesEval(seed=seed, image_size=image_size, n_single=ROLLOUT_EVAL_PROMPTS)
+
+
+def policy_scores(sampler, bench, seed, repeats=ROLLOUT_EVAL_REPEATS):
   """ShapesEval's text to image as the rollouts sample (the sampler at the rollout settings:
   the policy's own distribution): its one-object prompts over every colour, shape and
   position once (162), each drawn `repeats` times (seeds seed, seed + 1, ...), and its
-  two-object prompts; the t2i scores averaged over the draws."""
-  from unimm.eval.shapes_eval import ShapesEval  # pylint: disable=import-outside-toplevel
-  bench = ShapesEval(seed=seed, image_size=image_size, n_single=ROLLOUT_EVAL_PROMPTS)
+  two-object prompts (bench: `policy_bench`); the t2i scores averaged over the draws."""
   runs = [bench.run(generate=lambda p, k=k: sampler.text_to_image(p, seed=seed + k), batch_size=64)
           for k in range(repeats)]
   return {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k.startswith("t2i_")}
@@ -149,6 +153,9 @@ def main(argv):
                     f"(early fusion), not '{cfg.model.image_loss}'")
   if g.reward_render not in ("model", "vq"):
     raise UserError(f"grpo.reward_render='{g.reward_render}': use 'model' or 'vq'")
+  if g.reward_render == "vq" and cfg.model.image_tokenizer != "vq":
+    raise UserError(f"grpo.reward_render='vq' needs a VQ tokenizer's codes, not "
+                    f"model.image_tokenizer='{cfg.model.image_tokenizer}'")
   if g.updates < 1 or not 0 < g.clip < 1:
     raise UserError(f"grpo.updates={g.updates}, grpo.clip={g.clip}: updates >= 1 and 0 < clip < 1")
   from etils import epath  # pylint: disable=import-outside-toplevel
@@ -171,7 +178,7 @@ def main(argv):
   graphdef, tx = run.trainer.graphdef, run.trainer.tx
   p = run.patcher
   code = dict(code_offset=p.code_offset, num_codes=p.num_codes, temperature=g.temperature)
-  ref_logprobs = jax.jit(lambda b, at: code_logprobs(nnx.merge(graphdef, ref_params), b, at, **code))
+  logprobs = jax.jit(lambda params, b, at: code_logprobs(nnx.merge(graphdef, params), b, at, **code))
 
   @jax.jit
   def update(state, b, at, adv, ref_lp, old_lp):
@@ -182,9 +189,6 @@ def main(argv):
     params = jax.tree.map(lambda a, u: a + u, state["params"], upd)
     return dict(state, params=params, opt_state=opt, step=state["step"] + 1), loss, kl, lp
 
-  if g.reward_render == "vq" and not hasattr(p, "vq_decode"):
-    raise UserError(f"grpo.reward_render='vq' needs a VQ tokenizer's codes, not "
-                    f"model.image_tokenizer='{cfg.model.image_tokenizer}'")
   render = p.vq_decode if g.reward_render == "vq" else p.decode
   rollout_cfg = cfg.copy_and_resolve_references()
   rollout_cfg.sample.update(cfg_scale=1.0, image_temperature=g.temperature, image_top_k=0)
@@ -192,7 +196,8 @@ def main(argv):
   sampler.cfg = rollout_cfg
   if not opts["no_eval"]:  # the supervised checkpoint as the rollouts sample, to compare the end with
     sampler.params = ref_params
-    start_scores = policy_scores(sampler, cfg.data.image_size, int(cfg.eval.seed))
+    bench = policy_bench(cfg.data.image_size, int(cfg.eval.seed))
+    start_scores = policy_scores(sampler, bench, int(cfg.eval.seed))
   rng = np.random.default_rng([int(cfg.seed), int(state["step"])])
   start, log, row = time.time(), (workdir / "grpo.jsonl").open("a"), {}
   while (int(state["step"]) < g.steps * g.updates
@@ -207,7 +212,7 @@ def main(argv):
     adv = group_advantages(rewards, g.group)
     b, at = policy_batch(run.tokenizer, p, prompts, codes)
     b, at, adv = jax.tree.map(jnp.asarray, b), jnp.asarray(at), jnp.asarray(adv, jnp.float32)
-    ref_lp = ref_logprobs(b, at)
+    ref_lp = logprobs(ref_params, b, at)
     state, loss, kl, old_lp = update(state, b, at, adv, ref_lp, None)  # rho = 1: KL of the rollout's pi
     for _ in range(g.updates - 1):  # PPO's clipped ratio to the rollout's policy
       state, loss, _, _ = update(state, b, at, adv, ref_lp, old_lp)
@@ -225,7 +230,7 @@ def main(argv):
   print(f"GRPO stopped at step {int(state['step'])} after {time.time() - start:.0f} s", flush=True)
   if not opts["no_eval"]:
     sampler.params = state["params"]
-    end_scores = policy_scores(sampler, cfg.data.image_size, int(cfg.eval.seed))
+    end_scores = policy_scores(sampler, bench, int(cfg.eval.seed))
     (workdir / "eval_policy.json").write_text(json.dumps(
         {"settings": dict(temperature=g.temperature, cfg_scale=1.0, prompts=ROLLOUT_EVAL_PROMPTS,
                           repeats=ROLLOUT_EVAL_REPEATS),
