@@ -34,6 +34,7 @@ def get_config():
   c.train.update(steps=900, time_limit_s=330.0)
   # no edit bar here: the early-fusion edit share goes to captions, learned in these 900 steps
   c.data.tasks.update(t2i=0.45, caption=0.3, qa=0.15, edit=0.05, story=0.05)
-  # 16 prompts x 8 rewarded off the VQ decoder; lr 4e-4 (and 2 updates a rollout) learned less
-  c.grpo.update(prompts=16, group=8, lr=2e-4, kl_weight=0.04, reward_render="vq", time_limit_s=540.0)
+  # 16 prompts x 8 rewarded off the VQ decoder, the output head (and final norm) trained alone
+  c.grpo.update(prompts=16, group=8, lr=1e-3, top_blocks=0, kl_weight=0.04, reward_render="vq",
+                time_limit_s=540.0)
   return c

@@ -32,6 +32,14 @@ def test_group_advantages_and_kl_by_hand():
   got = grpo.clipped_surrogate(jnp.log(jnp.array([[1.5, 0.9], [0.5, 1.1]])), old,
                                jnp.array([2.0, -1.0]), 0.2)
   np.testing.assert_allclose(got, [[2.4, 1.8], [-0.8, -1.1]], rtol=1e-6)
+  # grpo.top_blocks: the head, the final norm and the last blocks of the stack
+  params = {"embed": 0, "blocks": {i: {"attn": 0, "mlp": 0} for i in range(3)},
+            "final_norm": {"scale": 0}, "lm_head": 0}
+  assert grpo.trainable(params, 1) == {"embed": False, "final_norm": {"scale": True}, "lm_head": True,
+                                       "blocks": {0: {"attn": False, "mlp": False},
+                                                  1: {"attn": False, "mlp": False},
+                                                  2: {"attn": True, "mlp": True}}}
+  assert all(jax.tree.leaves(grpo.trainable(params, -1)))
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +77,14 @@ def test_policy_logprobs_are_the_samplers_code_distribution(init_run):
 
 def test_grpo_cli_runs_iterations_and_checkpoints(init_run, tmp_path):
   """Two iterations of 2 prompts x 2 samples, two updates each (the second on PPO's clipped
-  ratio), rewarded off the VQ decoder's images: a row each in grpo.jsonl (KL 0 at the first:
-  the policy starts as the reference), a checkpoint of the 4 updates that the sampler reads."""
-  _, _, _, init = init_run
+  ratio), rewarded off the VQ decoder's images, only the head trained: a row each
+  in grpo.jsonl (KL 0 at the first: the policy starts as the reference), a checkpoint of the 4
+  updates that the sampler reads, the blocks and embeddings still the reference's."""
+  _, _, state, init = init_run
   out = tmp_path / "grpo"
   small = ["--config.grpo.steps=2", "--config.grpo.prompts=2", "--config.grpo.group=2",
            "--config.grpo.lr=0.01", "--config.grpo.reward_render=vq", "--config.grpo.updates=2",
-           "--no_eval"]
+           "--config.grpo.top_blocks=0", "--no_eval"]
   grpo.main(["--init", init, "--workdir", str(out)] + small)  # the config: init's config.json
   rows = [json.loads(line) for line in (out / "grpo.jsonl").read_text().splitlines()]
   assert [r["iteration"] for r in rows] == [1, 2]
@@ -83,12 +92,20 @@ def test_grpo_cli_runs_iterations_and_checkpoints(init_run, tmp_path):
   assert 0 <= rows[0]["reward"] <= 1
   from unimm.sample import load_sampler
   assert max(int(d.name) for d in (out / "checkpoints").iterdir() if d.name.isdigit()) == 4
-  restored = jax.tree.leaves(load_sampler(str(out)).params)  # the training checkpoint format
-  assert restored and all(np.isfinite(np.asarray(x)).all() for x in restored)
+  restored = load_sampler(str(out)).params  # the training checkpoint format
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+  flat = lambda tree: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  start, train = flat(state["params"]), flat(grpo.trainable(state["params"], 0))
+  moved = {k for k, v in flat(restored).items() if np.any(np.asarray(v) != np.asarray(start[k]))}
+  assert moved <= {k for k, t in train.items() if t} and any("lm_head" in k for k in moved)
+  assert not any("blocks" in k or "embed" in k for k in moved)
   with pytest.raises(UserError, match="--init WORKDIR"):
     grpo.main(["--workdir", str(tmp_path / "x")] + small)
   with pytest.raises(UserError, match="grpo.reward_render='pixels': use 'model' or 'vq'"):
     grpo.main(["--init", init, "--workdir", str(tmp_path / "y"), "--config.grpo.reward_render=pixels"])
+  with pytest.raises(UserError, match="grpo.top_blocks=0 picks blocks of an unscanned stack"):
+    grpo.main(["--init", init, "--workdir", str(tmp_path / "z"), "--config.model.scan=True",
+               "--config.grpo.top_blocks=0"])
 
 
 def test_policy_scores_average_the_draws_over_every_one_object_scene():

@@ -267,6 +267,8 @@ def defaults() -> ml_collections.ConfigDict:
       updates=1,           # AdamW steps on each rollout (GRPO's mu): the first on-policy, the rest on
                            # PPO's clipped ratio to the rollout's policy
       clip=0.2,            # PPO's ratio clip (epsilon)
+      top_blocks=-1,       # >=0: update only the final norm, the output head and the last this many
+                           # transformer blocks (the rest stay the reference's); -1: every parameter
       time_limit_s=0.0,    # >0: stop (and checkpoint) after this many seconds
       reward_render="model",  # images the reward reads: "model" (as samples are rendered: by
                               # model.image_decoder where set) or "vq" (the tokenizer's decoder)

@@ -4,8 +4,8 @@ recipe), with ShapesEval's image parser as the reward.
     python -m unimm.train.grpo --init runs/x_omni --workdir runs/x_omni_grpo [--config FILE]
 
 The config is the starting workdir's (its config.json) unless --config names a file; the
-`grpo` fields (prompts, group, temperature, kl_weight, lr, steps, updates, clip, time_limit_s,
-reward_render) take overrides.
+`grpo` fields (prompts, group, temperature, kl_weight, lr, steps, updates, clip, top_blocks,
+time_limit_s, reward_render) take overrides.
 
 Each iteration draws grpo.prompts one-object Shapes prompts (training scenes, not the eval's),
 samples grpo.group images per prompt from the current policy (codes at grpo.temperature, no
@@ -21,11 +21,14 @@ mu) minimise
 
 rho = pi / pi_old, pi_old the policy that drew the rollout (the first step is on-policy: rho = 1,
 the gradient A grad log pi), eps = grpo.clip; k3 = e^d - d - 1, d = log pi_ref - log pi, per
-code. The reference is the starting checkpoint, frozen. The
-workdir holds checkpoints in the training format (`python -m unimm.sample --workdir` reads
-them), `grpo.jsonl` (reward, KL per iteration) and, at the end, ShapesEval at the config's
-sampling settings (`eval.json`) and `eval_policy.json`: text to image as the rollouts sample,
-of the starting checkpoint and of the end (every one-object scene twice, `policy_scores`).
+code. The reference is the starting checkpoint, frozen. grpo.top_blocks >= 0 updates only the
+final norm, the output head and that many of the last transformer blocks (the rest stay the
+reference's, and no gradient flows below the lowest trained block: a cheaper update, and fewer
+directions for the noise of a few hundred rewards to move). The workdir holds checkpoints in
+the training format (`python -m unimm.sample --workdir` reads them), `grpo.jsonl` (reward, KL
+per iteration) and, at the end, ShapesEval at the config's sampling settings (`eval.json`) and
+`eval_policy.json`: text to image as the rollouts sample, of the starting checkpoint and of the
+end (every one-object scene twice, `policy_scores`).
 """
 
 import json
@@ -114,6 +117,23 @@ def code_logprobs(model, b, at, code_offset, num_codes, temperature):
   return jnp.take_along_axis(jax.nn.log_softmax(lg, -1), codes[..., None], -1)[..., 0]
 
 
+def trainable(params, top_blocks):
+  """The parameters GRPO updates (a pytree of bools like params): every one for top_blocks < 0,
+  else the final norm, the output head and the last `top_blocks` transformer blocks (the rest
+  keep the reference's values; their gradients are never computed)."""
+  depth = len(params["blocks"]) if "blocks" in params else 0
+
+  def one(path, _):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys[0] == "blocks":
+      return int(keys[1]) >= depth - top_blocks
+    return keys[0] in ("final_norm", "lm_head")
+
+  if top_blocks < 0:
+    return jax.tree.map(lambda _: True, params)
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
 def clipped_surrogate(lp, old_lp, adv, clip):
   """PPO's per-code objective (to maximise): min(rho A, clip(rho, 1 - clip, 1 + clip) A),
   rho = pi / pi_old; lp, old_lp [R, N], adv [R]."""
@@ -156,6 +176,9 @@ def main(argv):
   if g.reward_render == "vq" and cfg.model.image_tokenizer != "vq":
     raise UserError(f"grpo.reward_render='vq' needs a VQ tokenizer's codes, not "
                     f"model.image_tokenizer='{cfg.model.image_tokenizer}'")
+  if cfg.model.scan and g.top_blocks >= 0:
+    raise UserError(f"grpo.top_blocks={g.top_blocks} picks blocks of an unscanned stack: set "
+                    f"model.scan=False or grpo.top_blocks=-1 (every parameter)")
   if g.updates < 1 or not 0 < g.clip < 1:
     raise UserError(f"grpo.updates={g.updates}, grpo.clip={g.clip}: updates >= 1 and 0 < clip < 1")
   from etils import epath  # pylint: disable=import-outside-toplevel
@@ -180,12 +203,16 @@ def main(argv):
   code = dict(code_offset=p.code_offset, num_codes=p.num_codes, temperature=g.temperature)
   logprobs = jax.jit(lambda params, b, at: code_logprobs(nnx.merge(graphdef, params), b, at, **code))
 
+  train = trainable(ref_params, g.top_blocks)
+  keep = lambda tree: jax.tree.map(lambda x, t: x if t else jnp.zeros_like(x), tree, train)
+
   @jax.jit
   def update(state, b, at, adv, ref_lp, old_lp):
     (loss, (kl, lp)), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
         state["params"], graphdef, b, at, adv, ref_lp, old_lp, kl_weight=g.kl_weight,
         clip=g.clip, **code)
-    upd, opt = tx.update(grads, state["opt_state"], state["params"])
+    upd, opt = tx.update(keep(grads), state["opt_state"], state["params"])
+    upd = keep(upd)  # no weight decay either on what stays the reference's
     params = jax.tree.map(lambda a, u: a + u, state["params"], upd)
     return dict(state, params=params, opt_state=opt, step=state["step"] + 1), loss, kl, lp
 
