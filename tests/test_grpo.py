@@ -40,6 +40,8 @@ def test_group_advantages_and_kl_by_hand():
                                                   1: {"attn": False, "mlp": False},
                                                   2: {"attn": True, "mlp": True}}}
   assert all(jax.tree.leaves(grpo.trainable(params, -1)))
+  del params["lm_head"]  # tied embeddings: the token table is the head
+  assert grpo.trainable(params, 0)["embed"] and not grpo.trainable(params, 0)["blocks"][2]["mlp"]
 
 
 @pytest.fixture(scope="module")

@@ -119,15 +119,16 @@ def code_logprobs(model, b, at, code_offset, num_codes, temperature):
 
 def trainable(params, top_blocks):
   """The parameters GRPO updates (a pytree of bools like params): every one for top_blocks < 0,
-  else the final norm, the output head and the last `top_blocks` transformer blocks (the rest
-  keep the reference's values; their gradients are never computed)."""
+  else the final norm, the output head (the token table where the two are tied) and the last
+  `top_blocks` transformer blocks (the rest keep the reference's values)."""
   depth = len(params["blocks"]) if "blocks" in params else 0
+  head = ("final_norm", "lm_head" if "lm_head" in params else "embed")
 
   def one(path, _):
     keys = [str(getattr(k, "key", k)) for k in path]
     if keys[0] == "blocks":
       return int(keys[1]) >= depth - top_blocks
-    return keys[0] in ("final_norm", "lm_head")
+    return keys[0] in head
 
   if top_blocks < 0:
     return jax.tree.map(lambda _: True, params)
