@@ -124,7 +124,7 @@ $(VENV)/libtpu/.installed: $(VENV)/.installed
 # XLA compiles on one core)
 TEST_WORKERS ?= auto
 test: setup $(VENV)/libtpu/.installed
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=20 tests
 
 # The train-step benchmark against the PyTorch peers on a GPU machine (launch/bench_gpu.sh says
 # what it runs): JSON lines, tables and logs in $(OUT). It uses the machine's own Python.
